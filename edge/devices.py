@@ -1,0 +1,40 @@
+"""Device and dtype selection, in one place. Nothing else in clara_edge calls `.cuda()`."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ClaraError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """`auto` (or None) picks CUDA, then MPS, then CPU; an explicit name must be available."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClaraError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ClaraError(f"device {name!r} requested but MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ClaraError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or mps")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`auto` gives bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, fp32 on CPU."""
+    if name in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ClaraError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
