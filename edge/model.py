@@ -85,7 +85,12 @@ def weights_fingerprint(named: Sequence[tuple[str, torch.Tensor]]) -> str:
 
 
 class ClaraModel(nn.Module):
-    """Base LM + compressor / query / generator LoRA adapters + special-token embeddings."""
+    """Base LM + compressor / query / generator LoRA adapters + special-token embeddings.
+
+    It is also the PyTorch backend: it implements `clara_edge.backend.Backend`.
+    """
+
+    name = "torch"
 
     def __init__(self, causal_lm: nn.Module, tokenizer, config: ClaraConfig, seed: int = 0) -> None:
         super().__init__()

@@ -1,0 +1,73 @@
+"""The one small interface every execution backend implements, and how a model name picks one.
+
+`ClaraModel` (PyTorch on CPU / CUDA / MPS) is the reference implementation; the ONNX Runtime and Core ML
+backends load export directories and implement the same five members.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .errors import ClaraError
+from .model import ClaraConfig, Generation
+
+EXPORT_MANIFEST = "clara_export.json"  # marks an export directory; it is itself a model
+BACKENDS = ("torch", "onnx", "coreml")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the runtime needs from a model, whatever executes it."""
+
+    name: str
+    config: ClaraConfig
+    tokenizer: Any
+
+    def fingerprint(self) -> str:
+        """Identity of the compressor: a memory store must have been built with the same one."""
+
+    def compress(self, docs: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Documents -> memories [n_docs, n_mem, hidden]."""
+
+    def encode_query(self, questions: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Questions -> query memories [n_questions, n_mem, hidden]."""
+
+    def generate(self, questions: Sequence[str], memories: Sequence[torch.Tensor], max_new_tokens: int = 64,
+                 **sampling) -> Generation:
+        """Answer each question from its memories [k_i, n_mem, hidden]; `on_token` streams pieces."""
+
+
+def export_manifest(path: Path) -> dict | None:
+    manifest = path / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClaraError(f"corrupted export manifest {manifest}: {e}") from None
+
+
+def open_backend(model: str | None = None, backend: str = "auto", compression: int | None = None,
+                 device: str | None = None, dtype: str | None = None, base: str | None = None) -> Backend:
+    """Load `model` on `backend`; `auto` follows the model (an export directory names its own format)."""
+    if backend not in ("auto", *BACKENDS):
+        raise ClaraError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS)}")
+    manifest = export_manifest(Path(model).expanduser()) if model else None
+    kind = manifest["format"] if manifest else "torch"
+    if backend not in ("auto", kind):
+        raise ClaraError(f"model {model} is a {kind} model; --backend {backend} needs a {backend} export "
+                         f"(make one with `clara-edge export --format {backend}`)")
+    if kind == "torch":
+        from .checkpoint import load_model
+        return load_model(model, compression, device, dtype, base)
+    if kind == "onnx":
+        from .onnx_backend import OnnxBackend
+        return OnnxBackend(Path(model), manifest)
+    if kind == "coreml":
+        from .coreml_backend import CoreMLBackend
+        return CoreMLBackend(Path(model), manifest)
+    raise ClaraError(f"export {model} has unknown format {kind!r}")

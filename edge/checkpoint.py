@@ -1,0 +1,276 @@
+"""Building, saving and loading CLaRa models; importing Apple's released CLaRa checkpoints.
+
+Our format (a directory):
+    clara_config.json             ClaraConfig + format version + base fingerprint + model fingerprint
+    adapters.safetensors          "{role}.{peft key}" -> LoRA tensors, for role in compressor/query/generator
+    special_embeddings.safetensors  "special_embeddings" [n_special, H] (+ "override.{param}" base rows, if any)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .base_models import DEFAULT_BASE, resolve_base
+from .devices import resolve_device, resolve_dtype
+from .errors import ClaraError
+from .model import ROLES, ClaraConfig, ClaraModel, weights_fingerprint
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "clara_config.json"
+ADAPTERS_FILE = "adapters.safetensors"
+EMBEDDINGS_FILE = "special_embeddings.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped, trained defaults
+
+
+def build_model(config: ClaraConfig, device: str | None = None, dtype: str | None = None,
+                seed: int = 0) -> ClaraModel:
+    """A fresh ClaraModel (untrained adapters: LoRA B = 0, so every role starts as the base LM)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_base(config.base_model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise ClaraError(f"cannot load base model from {folder}: {str(e).splitlines()[0][:200]}") from None
+    return ClaraModel(lm.eval(), tokenizer, config, seed=seed).to(dev).eval()
+
+
+def _peft_state(model: ClaraModel, role: str) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(model.lm, adapter_name=role)
+
+
+def _apply_overrides(model: ClaraModel, overrides: dict[str, torch.Tensor]) -> None:
+    """Replace base parameters (e.g. a fine-tuned embedding table) and refresh the base fingerprint."""
+    if not overrides:
+        return
+    params = dict(model.lm.get_base_model().named_parameters())
+    with torch.no_grad():
+        for name, value in overrides.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ClaraError(f"checkpoint override {name} {tuple(value.shape)} does not fit the base model")
+            params[name].copy_(value)
+    model.base_overrides = sorted(overrides)
+    model.base_fingerprint = weights_fingerprint(list(params.items()))
+
+
+def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype = torch.float16,
+                    overrides: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapters + special embeddings + config atomically (a crash leaves the old checkpoint intact)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"{role}.{key}": t.detach().to("cpu", dtype).contiguous()
+               for role in ROLES for key, t in _peft_state(model, role).items()}
+    save_file(tensors, tmp / ADAPTERS_FILE)
+    embeds = {"special_embeddings": model.special_embeddings.detach().to("cpu", dtype).contiguous()}
+    base_params = dict(model.lm.get_base_model().named_parameters())
+    for name in getattr(model, "base_overrides", []):
+        embeds[f"override.{name}"] = base_params[name].detach().to("cpu", dtype).contiguous()
+    for name, value in (overrides or {}).items():
+        embeds[f"override.{name}"] = value.detach().to("cpu", dtype).contiguous()
+    save_file(embeds, tmp / EMBEDDINGS_FILE)
+    meta = {"format": "clara-edge", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+            "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(),
+            "roles": list(ROLES), "dtype": str(dtype).removeprefix("torch.")}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        if meta.get("format") != "clara-edge":
+            raise ClaraError(f"{path / CONFIG_FILE} is not a clara-edge checkpoint config")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ClaraError(f"checkpoint {path} has format version {meta['format_version']}; this clara-edge "
+                             f"reads up to {FORMAT_VERSION}: upgrade clara-edge")
+        return meta
+    except FileNotFoundError:
+        raise ClaraError(f"{path} is not a clara-edge checkpoint (no {CONFIG_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ClaraError(f"corrupted checkpoint config {path / CONFIG_FILE}: {e}") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ClaraError(f"checkpoint file missing: {path}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ClaraError(f"corrupted checkpoint file {path}: {str(e).splitlines()[0][:160]}") from None
+
+
+def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | None = None,
+                    base: str | None = None) -> ClaraModel:
+    """Load one of our checkpoints; `base` overrides where the base model comes from (same weights required)."""
+    path = Path(path)
+    meta = read_checkpoint_config(path)
+    try:
+        config = ClaraConfig(**meta["config"])
+    except TypeError as e:
+        raise ClaraError(f"corrupted checkpoint config {path / CONFIG_FILE}: {e}") from None
+    if base:
+        config.base_model = base
+    model = build_model(config, device, dtype)
+    embeds = _load_tensors(path / EMBEDDINGS_FILE)
+    _apply_overrides(model, {k.removeprefix("override."): v for k, v in embeds.items() if k.startswith("override.")})
+    if model.base_fingerprint != meta.get("base_fingerprint"):
+        raise ClaraError(f"checkpoint {path} was trained on a different base model than {config.base_model!r} "
+                         f"(fingerprint {meta.get('base_fingerprint')} vs {model.base_fingerprint})")
+    adapters = _load_tensors(path / ADAPTERS_FILE)
+    _load_roles(model, {role: {k.removeprefix(role + "."): v for k, v in adapters.items() if k.startswith(role + ".")}
+                        for role in ROLES})
+    special = embeds.get("special_embeddings")
+    if special is None or special.shape != model.special_embeddings.shape:
+        raise ClaraError(f"checkpoint {path}: special embeddings missing or of the wrong shape")
+    with torch.no_grad():
+        model.special_embeddings.copy_(special)
+    return model.eval()
+
+
+def _load_roles(model: ClaraModel, states: dict[str, dict[str, torch.Tensor]]) -> None:
+    for role, state in states.items():
+        if not state:
+            raise ClaraError(f"checkpoint holds no weights for the {role} adapter")
+        expected = set(_peft_state(model, role))
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ClaraError(f"{role} adapter does not fit the base model ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected tensors, e.g. {sorted(missing | unexpected)[0]})")
+        set_peft_model_state_dict(model.lm, state, adapter_name=role)
+
+
+# ------------------------------------------------------------------------------------------ CLaRa import
+CLARA_ADAPTER_ROLES = {"encoder_adapter": "compressor", "query_reasoner_adapter": "query",
+                       "decoder_adapter": "generator"}
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ClaraError(f"CLaRa checkpoint file missing: {path}") from None
+    except Exception as e:  # unpickling errors come in many types
+        raise ClaraError(f"cannot read {path} safely (weights_only): {str(e).splitlines()[0][:160]}") from None
+
+
+def _lora_targets(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if ".lora_A" in k})
+
+
+def import_clara(folder: str | Path, base: str, device: str | None = None, dtype: str | None = None) -> ClaraModel:
+    """Import an apple/CLaRa-7B-* `compression-N/` folder onto `base` (the base model's own weights).
+
+    Every adapter present is used (the reference loader drops the Instruct generator unless told not to).
+    A checkpoint without a query adapter (stages 1-2) encodes queries with its compressor, as CLaRa does
+    before end-to-end training.
+    """
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ClaraError(f"{folder} is not a CLaRa checkpoint folder (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClaraError(f"corrupted {folder / 'config.json'}: {e}") from None
+    adapters = _torch_load(folder / "adapters.pth")
+    states = {CLARA_ADAPTER_ROLES[name]: sd for name, sd in adapters.items() if name in CLARA_ADAPTER_ROLES}
+    unknown = set(adapters) - set(CLARA_ADAPTER_ROLES)
+    if unknown or "compressor" not in states or "generator" not in states:
+        raise ClaraError(f"{folder / 'adapters.pth'}: expected encoder/decoder(/query_reasoner) adapters, "
+                         f"found {sorted(adapters)}")
+    states.setdefault("query", states["compressor"])
+    lora_r = int(cfg.get("lora_r", 16))
+    config = ClaraConfig(base_model=base, compression_rate=int(cfg["compr_rate"]),
+                         doc_max_length=int(cfg.get("doc_max_length", 256)), lora_r=lora_r,
+                         lora_alpha=int(cfg.get("lora_alpha", 2 * lora_r)), lora_dropout=0.0,
+                         target_modules=_lora_targets(states["compressor"]),
+                         extra={"imported_from": str(folder), "training_stage": cfg.get("training_stage"),
+                                "decoder_model_name": cfg.get("decoder_model_name")})
+    model = build_model(config, device, dtype)
+    prefix = "base_model.model."
+    _load_roles(model, {role: {k if k.startswith(prefix) else prefix + k: v for k, v in sd.items()}
+                        for role, sd in states.items()})
+    _import_embeddings(model, _torch_load(folder / "decoder_first_last_layers.pth"))
+    return model.eval()
+
+
+def _import_embeddings(model: ClaraModel, tables: dict[str, torch.Tensor]) -> None:
+    """Take the added-token rows of the resized embedding table; keep changed base rows as overrides."""
+    embed = next((v for k, v in tables.items() if "embed_tokens" in k), None)
+    if embed is None:
+        raise ClaraError("decoder_first_last_layers.pth holds no embed_tokens table")
+    n_special, vocab = model.special_embeddings.shape[0], model.base_vocab
+    if embed.shape[0] < vocab + n_special or embed.shape[1] != model.hidden_size:
+        raise ClaraError(f"embedding table {tuple(embed.shape)} does not extend the base vocabulary {vocab} by "
+                         f"{n_special} special tokens of width {model.hidden_size}")
+    with torch.no_grad():
+        model.special_embeddings.copy_(embed[vocab:vocab + n_special])
+    base_params = dict(model.lm.get_base_model().named_parameters())
+    overrides = {}
+    for key, table in tables.items():
+        name = next((n for n in base_params if n.endswith(("embed_tokens.weight", "lm_head.weight"))
+                     and n.split(".")[-2] in key), None)
+        if name is None:
+            continue
+        rows = table[: base_params[name].shape[0]].to(base_params[name].dtype)
+        if not torch.equal(rows, base_params[name].detach().cpu()):
+            overrides[name] = rows
+    if overrides:
+        warnings.warn(f"CLaRa checkpoint changes base rows of {sorted(overrides)}; kept as overrides", stacklevel=2)
+    _apply_overrides(model, overrides)
+
+
+# ------------------------------------------------------------------------------------------ one entry point
+def default_checkpoint(compression: int) -> Path:
+    return WEIGHTS_DIR / f"{DEFAULT_BASE}-cr{compression}"
+
+
+def load_model(spec: str | None = None, compression: int | None = None, device: str | None = None,
+               dtype: str | None = None, base: str | None = None) -> ClaraModel:
+    """Whatever a user names as a model -> ClaraModel.
+
+    None/"default": the shipped trained default for `compression` (16 if not given), else an untrained
+    model on the default base; a clara-edge checkpoint directory; a CLaRa `compression-N/` folder (needs
+    `base`); a base model (built-in name, HF folder, .gguf) -> untrained adapters at `compression`.
+    """
+    if spec in (None, "", "default"):
+        shipped = default_checkpoint(compression or 16)
+        if is_checkpoint(shipped):
+            return load_checkpoint(shipped, device, dtype, base)
+        warnings.warn(f"no trained default for compression {compression or 16}; using untrained adapters",
+                      stacklevel=2)
+        return build_model(ClaraConfig(base_model=base or DEFAULT_BASE, compression_rate=compression or 16),
+                           device, dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir() and is_checkpoint(path):
+        model = load_checkpoint(path, device, dtype, base)
+    elif path.is_dir() and (path / "adapters.pth").is_file():
+        if not base:
+            raise ClaraError(f"{path} is a CLaRa checkpoint: name its base model folder with --base")
+        model = import_clara(path, base, device, dtype)
+    else:
+        return build_model(ClaraConfig(base_model=spec, compression_rate=compression or 16), device, dtype)
+    if compression and compression != model.config.compression_rate:
+        raise ClaraError(f"model {spec} is trained for compression {model.config.compression_rate}, "
+                         f"not {compression}")
+    return model
