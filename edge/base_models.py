@@ -102,12 +102,18 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
                                                      dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unsupported / corrupt gguf files
         raise ClaraError(f"cannot load gguf {gguf_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    model.config.quantization_config = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # A gguf-loaded model refuses save_pretrained (it counts as quantised): move its dequantised weights
+    # into a plain model built on the meta device, which costs no extra memory for the init.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)

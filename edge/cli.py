@@ -1,0 +1,302 @@
+"""The `clara-edge` command line. Thin: it parses, calls the Python API, prints. Nothing imports it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ClaraError
+
+PROG = "clara-edge"
+
+
+# ------------------------------------------------------------------------------------------ shared options
+def _model_options(p: argparse.ArgumentParser, compression: bool = True) -> None:
+    p.add_argument("--model", default=None, help="checkpoint dir, export dir, CLaRa folder, base model "
+                   "(smollm2-135m, HF folder, .gguf); default: the shipped trained default")
+    p.add_argument("--base", default=None, help="where the base model comes from (overrides the checkpoint's)")
+    if compression:
+        p.add_argument("--compression", type=int, default=None, help="compression rate (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+
+
+def _backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "coreml"],
+                   help="execution backend (auto follows --model)")
+
+
+def _ask_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="memory store directory")
+    p.add_argument("--top-k", default="5", help="documents to use, or 'auto' (as many as fit above --min-score)")
+    p.add_argument("--min-score", type=float, default=0.0, help="score floor for --top-k auto")
+    p.add_argument("--context", type=int, default=4096, help="generator context positions (default 4096)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _top_k(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ClaraError(f"--top-k must be a number or 'auto', got {value!r}") from None
+
+
+def _open(args: argparse.Namespace):
+    from .backend import open_backend
+    return open_backend(args.model, getattr(args, "backend", "auto"), getattr(args, "compression", None),
+                        args.device, args.dtype, args.base)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_models(args: argparse.Namespace) -> int:
+    from .base_models import cache_root, fetch_builtin, list_models
+    if args.action == "fetch":
+        print(fetch_builtin(args.name))
+        return 0
+    print(f"cache: {cache_root()}")
+    for row in list_models():
+        state = f"cached at {row['cached']}" if row["cached"] else "not fetched (clara-edge models fetch)"
+        print(f"{row['name']:<16} {row['source']:<22} {row['license']:<12} {state}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.store:
+        from .store import MemoryStore
+        info = MemoryStore.open(Path(args.store)).info()
+    else:
+        model = _open(args)
+        info = {"backend": model.name, "fingerprint": model.fingerprint(), **model.config.to_dict(),
+                "n_mem": model.config.n_mem}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:<20} {value}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .indexing import index_paths
+    report = index_paths(_open(args), [Path(p) for p in args.paths], Path(args.store), batch_size=args.batch_size)
+    print(report.summary())
+    return 0
+
+
+def _print_answer(answer, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(answer.to_dict(), indent=2))
+        return
+    print()
+    for i, src in enumerate(answer.sources, 1):
+        print(f"  [{i}] {src['title'] or src['source']}  ({src['source']}, score {src['score']:.3f})")
+    s = answer.stats
+    print(f"  encode {s['query_encode_s'] * 1e3:.0f} ms | retrieval {s['retrieval_s'] * 1e3:.1f} ms | "
+          f"TTFT {s['ttft_s'] * 1e3:.0f} ms | decode {s['decode_tokens_per_s']:.1f} tok/s | "
+          f"{s['context_positions']} positions ({s['memory_positions']} memory, "
+          f"{s['effective_compression']:.1f}x) | RSS {s['peak_rss_mb']:.0f} MB")
+
+
+def _runtime(args: argparse.Namespace):
+    from .runtime import Runtime
+    return Runtime.open(_open(args), Path(args.store), context=args.context)
+
+
+def _ask_once(rt, question: str, args: argparse.Namespace):
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    return rt.ask(question, top_k=_top_k(args.top_k), min_score=args.min_score,
+                  max_new_tokens=args.max_new_tokens, on_text=stream, **_sampling(args))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    answer = _ask_once(_runtime(args), args.question, args)
+    _print_answer(answer, args.json)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    print("clara-edge chat: ask a question, empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        try:
+            _print_answer(_ask_once(rt, question, args), args.json)
+        except ClaraError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(_open(args), store_dir=Path(args.store) if args.store else None, limit=args.questions,
+                    as_json=args.json)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval_command
+    result = run_eval_command(args, _open)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train_cli import run_train_command
+    print(run_train_command(args))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export_cli import run_export_command
+    return run_export_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from clara_edge.bench.report import run_bench_command
+    return run_bench_command(args)
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="On-device compression-native RAG (CLaRa).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('clara_edge').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("demo", cmd_demo, "index the bundled corpus and answer a few questions with the default model")
+    _model_options(p)
+    _backend_option(p)
+    p.add_argument("--store", default=None, help="store directory (default: a temporary one)")
+    p.add_argument("--questions", type=int, default=3, help="how many bundled questions to ask")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    p = add("index", cmd_index, "compress documents (.txt, .md, .jsonl, folders) into a memory store")
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--store", required=True, help="store directory (created if missing)")
+    p.add_argument("--batch-size", type=int, default=16)
+    _model_options(p)
+    _backend_option(p)
+
+    p = add("ask", cmd_ask, "answer one question from a memory store, streaming, then cite sources")
+    p.add_argument("question")
+    _ask_options(p)
+    _model_options(p)
+    _backend_option(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with answer, sources, stats")
+
+    p = add("chat", cmd_chat, "interactive question loop over a memory store")
+    _ask_options(p)
+    _model_options(p)
+    _backend_option(p)
+    p.add_argument("--json", action="store_true")
+
+    p = add("eval", cmd_eval, "accuracy on a JSONL eval set (EM, F1, cover-EM, recall@k)")
+    p.add_argument("--data", required=True, help="eval JSONL (the ../shared/data row format)")
+    p.add_argument("--corpus", default=None, help="retrieve over this corpus (JSON list or JSONL of title/text)")
+    p.add_argument("--mode", default="clara", choices=["clara", "text", "text-tuned", "closed-book"])
+    p.add_argument("--retriever", default=None, choices=["bm25", "clara", "oracle"],
+                   help="default: clara for --mode clara, bm25 for text modes")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None, help="first N rows only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", dest="json_out", default=None, help="write the result object to this file")
+    _model_options(p)
+    _backend_option(p)
+
+    p = add("train", cmd_train, "train adapters by distillation (CLaRa's three stages) from a recipe")
+    p.add_argument("--recipe", default="default", help="recipe name (export/recipes/NAME.json) or path")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs); resumes if it exists")
+    p.add_argument("--compression", type=int, default=None, help="override the recipe's compression rate")
+    p.add_argument("--max-steps", type=int, default=None, help="override the steps of every stage")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has state")
+    p.add_argument("--device", default="auto")
+
+    p = add("export", cmd_export, "export to ONNX / Core ML with quantisation, or check an export's parity")
+    p.add_argument("--format", default="onnx", choices=["onnx", "coreml"])
+    p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    p.add_argument("--out", default=None, help="export directory")
+    p.add_argument("--check", default=None, metavar="DIR", help="parity-check an export against torch fp32")
+    p.add_argument("--data", default=None, help="dev JSONL for the F1 delta of --check")
+    p.add_argument("--limit", type=int, default=100, help="dev questions for --check")
+    p.add_argument("--json", dest="json_out", default=None, help="write --check's result here")
+    _model_options(p)
+
+    p = add("bench", cmd_bench, "accuracy, latency and memory benchmarks; writes report.json/.md and plots")
+    p.add_argument("--quick", action="store_true", help="subsets and fewer repetitions (< 10 min on a laptop CPU)")
+    p.add_argument("--backend", action="append", default=None, help="backends to time (repeatable)")
+    p.add_argument("--out", default="bench-out", help="output directory")
+    _model_options(p, compression=False)
+
+    p = add("info", cmd_info, "describe a memory store (--store) or a model (--model)")
+    p.add_argument("--store", default=None)
+    p.add_argument("--json", action="store_true")
+    _model_options(p)
+    _backend_option(p)
+
+    p = add("models", cmd_models, "list built-in base models, or fetch one into the cache")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library warnings and progress bars are noise on a CLI; CLARA_EDGE_DEBUG=1 brings them back."""
+    if os.environ.get("CLARA_EDGE_DEBUG"):
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except ClaraError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, unless the user asks for the traceback
+        if os.environ.get("CLARA_EDGE_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"{PROG}: internal error: {type(e).__name__}: {first} (CLARA_EDGE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
