@@ -27,6 +27,8 @@ class Backend(Protocol):
     config: ClaraConfig
     tokenizer: Any
 
+    max_positions: int  # the generator's context window
+
     def fingerprint(self) -> str:
         """Identity of the compressor: a memory store must have been built with the same one."""
 
@@ -35,6 +37,9 @@ class Backend(Protocol):
 
     def encode_query(self, questions: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Questions -> query memories [n_questions, n_mem, hidden]."""
+
+    def prompt_ids(self, question: str, n_docs: int) -> list[int]:
+        """The generator prompt for `n_docs` memory blocks (its length sets the context budget)."""
 
     def generate(self, questions: Sequence[str], memories: Sequence[torch.Tensor], max_new_tokens: int = 64,
                  **sampling) -> Generation:

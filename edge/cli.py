@@ -98,27 +98,19 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _print_answer(answer, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(answer.to_dict(), indent=2))
-        return
-    print()
-    for i, src in enumerate(answer.sources, 1):
-        print(f"  [{i}] {src['title'] or src['source']}  ({src['source']}, score {src['score']:.3f})")
-    s = answer.stats
-    print(f"  encode {s['query_encode_s'] * 1e3:.0f} ms | retrieval {s['retrieval_s'] * 1e3:.1f} ms | "
-          f"TTFT {s['ttft_s'] * 1e3:.0f} ms | decode {s['decode_tokens_per_s']:.1f} tok/s | "
-          f"{s['context_positions']} positions ({s['memory_positions']} memory, "
-          f"{s['effective_compression']:.1f}x) | RSS {s['peak_rss_mb']:.0f} MB")
+    from .runtime import format_answer_footer
+    print(json.dumps(answer.to_dict(), indent=2) if as_json else format_answer_footer(answer))
 
 
 def _runtime(args: argparse.Namespace):
+    args.top_k = _top_k(args.top_k)  # validate options before loading anything
     from .runtime import Runtime
     return Runtime.open(_open(args), Path(args.store), context=args.context)
 
 
 def _ask_once(rt, question: str, args: argparse.Namespace):
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    return rt.ask(question, top_k=_top_k(args.top_k), min_score=args.min_score,
+    return rt.ask(question, top_k=args.top_k, min_score=args.min_score,
                   max_new_tokens=args.max_new_tokens, on_text=stream, **_sampling(args))
 
 

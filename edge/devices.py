@@ -17,7 +17,10 @@ def resolve_device(name: str | None = None) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ClaraError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ClaraError(f"device {name!r} requested but CUDA is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -138,6 +138,11 @@ class ClaraModel(nn.Module):
         return self.input_embeddings.embedding_dim
 
     @property
+    def max_positions(self) -> int:
+        """The base model's context window."""
+        return int(getattr(self.lm.get_base_model().config, "max_position_embeddings", 2048))
+
+    @property
     def device(self) -> torch.device:
         return self.input_embeddings.weight.device
 
@@ -281,7 +286,7 @@ class ClaraModel(nn.Module):
             flat = mem.reshape(-1, self.hidden_size)
             if flat.shape[0] != slots.numel():
                 raise ValueError(f"row {b}: prompt has {slots.numel()} MEM slots, memories fill {flat.shape[0]}")
-            rows.append(emb[b].index_copy(0, slots, flat.to(emb.dtype)))
+            rows.append(emb[b].index_copy(0, slots, flat.to(emb)))
         return torch.stack(rows)
 
     def generation_inputs(self, questions: Sequence[str],

