@@ -43,7 +43,23 @@ def build_model(config: ClaraConfig, device: str | None = None, dtype: str | Non
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise ClaraError(f"cannot load base model from {folder}: {str(e).splitlines()[0][:200]}") from None
-    return ClaraModel(lm.eval(), tokenizer, config, seed=seed).to(dev).eval()
+    model = ClaraModel(lm.eval(), tokenizer, config, seed=seed).to(dev).eval()
+    _configure_attention(model)
+    return model
+
+
+def _configure_attention(model: ClaraModel) -> None:
+    """CLARA_EDGE_ATTENTION=sdpa (default) | triton | auto picks the attention implementation.
+
+    The Triton kernels (clara_edge.kernels) stay opt-in until they are verified and timed on a GPU; on
+    the CPU every setting resolves to SDPA.
+    """
+    choice = os.environ.get("CLARA_EDGE_ATTENTION", "sdpa")
+    if choice not in ("sdpa", "triton", "auto"):
+        raise ClaraError(f"CLARA_EDGE_ATTENTION must be sdpa, triton or auto, not {choice!r}")
+    if choice != "sdpa":
+        from clara_edge.kernels.hf_attention import configure
+        configure(model.lm.get_base_model(), choice if model.device.type == "cuda" else "sdpa")
 
 
 def _peft_state(model: ClaraModel, role: str) -> dict[str, torch.Tensor]:

@@ -21,9 +21,16 @@ def memory_background(n_docs: int, n_mem: int) -> str:
     return "Background:\n" + ("".join(mem_tokens(n_mem)) + "<SEP>") * n_docs
 
 
+def document_text(doc: tuple[str, str]) -> str:
+    """The one string form of a (title, text) document: what text mode shows, the compressor reads and
+    BM25 indexes."""
+    title, text = doc
+    return f"{title}: {text}" if title else text
+
+
 def text_background(docs: Sequence[tuple[str, str]]) -> str:
     """The text-RAG twin of `memory_background`: the same frame with the documents written out."""
-    return "Background:\n" + "\n".join(f"{title}: {text}" if title else text for title, text in docs)
+    return "Background:\n" + "\n".join(document_text(d) for d in docs)
 
 
 def question_message(background: str, question: str) -> str:

@@ -1,0 +1,59 @@
+"""BM25 over a candidate set (bm25s; its own regex tokenizer, lower-cased, English stopwords, no stemming).
+
+Documents are indexed as `document_text(doc)` ("title: text"). Ranking is by descending score with ties
+broken by candidate order, so results are deterministic (bm25s' own top-k orders ties arbitrarily).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import bm25s
+import numpy as np
+
+from .datasets import Doc, document_text
+
+STOPWORDS = "en"
+
+
+def _tokens(texts: Sequence[str]) -> list[list[str]]:
+    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+
+
+class BM25Index:
+    """A BM25 index over one candidate set."""
+
+    def __init__(self, docs: Sequence[Doc]) -> None:
+        self.size = len(docs)
+        tokens = _tokens([document_text(d) for d in docs])
+        self._retriever = None
+        if any(tokens):  # bm25s cannot index a corpus without a single token
+            self._retriever = bm25s.BM25()
+            self._retriever.index(tokens, show_progress=False)
+
+    def scores(self, question: str) -> np.ndarray:
+        """BM25 score of every candidate for `question`, [n_docs]."""
+        query = _tokens([question])[0]
+        if self._retriever is None or not query:
+            return np.zeros(self.size, dtype=np.float32)
+        return np.asarray(self._retriever.get_scores(query), dtype=np.float32)
+
+    def top_k(self, question: str, k: int) -> list[int]:
+        """Indices of the `k` best candidates (fewer if the set is smaller), best first."""
+        order = np.argsort(-self.scores(question), kind="stable")
+        return order[:k].tolist()
+
+
+class BM25Cache:
+    """One index per candidate set object: a pooled corpus shared by many rows is indexed once."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[int, tuple[Sequence[Doc], BM25Index]] = {}
+
+    def get(self, docs: Sequence[Doc]) -> BM25Index:
+        hit = self._indexes.get(id(docs))
+        if hit is None:
+            hit = self._indexes[id(docs)] = (docs, BM25Index(docs))  # holding `docs` keeps its id unique
+        return hit[1]
+
+    def __len__(self) -> int:
+        return len(self._indexes)
