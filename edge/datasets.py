@@ -53,7 +53,7 @@ class EvalSet:
     candidates: list[Candidates]
 
 
-def _parse_doc(item, where: str) -> Doc:
+def parse_doc(item, where: str) -> Doc:
     if isinstance(item, str):
         return ("", item)
     if isinstance(item, dict) and isinstance(item.get("text"), str):
@@ -83,7 +83,7 @@ def parse_row(obj, where: str = "row") -> EvalRow:
     if not isinstance(pos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in pos):
         raise ClaraError(f"{where}: \"pos_index\" must be a list of integers")
     return EvalRow(id=str(obj.get("id", where)), question=question, answers=tuple(answers),
-                   docs=tuple(_parse_doc(d, where) for d in docs), pos_index=tuple(pos),
+                   docs=tuple(parse_doc(d, where) for d in docs), pos_index=tuple(pos),
                    dataset=str(obj.get("dataset") or ""))
 
 
@@ -104,7 +104,7 @@ def _read_text(path: str | Path, what: str) -> tuple[Path, str]:
 def _jsonl(path: Path, text: str, limit: int | None = None) -> list[tuple[str, object]]:
     """(location, parsed object) per non-blank line, up to `limit` objects."""
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if limit is not None and len(out) >= limit:
             break
         if not line.strip():
@@ -142,7 +142,7 @@ def load_corpus(path: str | Path) -> list[Doc]:
             raise ClaraError(f"corpus {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     else:
         items = _jsonl(path, text)
-    docs = [_parse_doc(item, where) for where, item in items]
+    docs = [parse_doc(item, where) for where, item in items]
     if not docs:
         raise ClaraError(f"corpus file {path} holds no documents")
     return docs

@@ -1,0 +1,171 @@
+"""Memory-store benchmark: exact retrieval latency as the store grows, and bytes per stored document.
+
+    python -m clara_edge.bench.store [--json OUT] [--sizes 1000 10000 100000] [--reps 10] [--threads N]
+                                     [--faiss] [--model M]
+
+For each configuration (n_mem 16 = compression 16 and n_mem 4 = compression 64 at doc_max_length 256, hidden 576
+as in SmolLM2-135M; fp16 and int8 records) one store is grown with synthetic Gaussian memories and ~1 KB chunk
+texts to each size in turn, and `retrieval.search` (exact flattened cosine, top-10 over the memory map) is
+timed for 1 query and for a batch of 8: two warm-up calls, then mean ± std over --reps calls, the map in the
+page cache. Bytes per document are measured from the files (vector record + SQLite row with its text) and,
+for other rates and int4, computed from the record layout. `--faiss` adds an IndexFlatIP row per size (first
+call, which builds the index, reported apart). `--model M` also indexes the bundled demo corpus with that
+model and reports docs/s. Timings depend on the machine and its load: the JSON records both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from clara_edge.corpus import Chunk
+from clara_edge.retrieval import search
+from clara_edge.store import DTYPES, MemoryStore, StoreSpec, record_dtype
+
+HIDDEN = 576
+DOC_MAX_LENGTH = 256
+RATES = (4, 16, 32, 64, 128)
+TEXT = ("Synthetic chunk text of about one kilobyte, standing in for the 256 tokens a chunk holds. " * 12)[:1024]
+ADD_ROWS = 2048  # rows per append while growing the store
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m clara_edge.bench.store", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", metavar="OUT", help="write the rows, byte sizes and machine facts here")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    p.add_argument("--n-mem", type=int, nargs="+", default=[16, 4])
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16", "int8"])
+    p.add_argument("--reps", type=int, default=10, help="timed searches per row (after 2 warm-up calls)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--faiss", action="store_true", help="also time the faiss IndexFlatIP path")
+    p.add_argument("--model", default=None, help="also index the bundled demo corpus with this model (docs/s)")
+    p.add_argument("--dir", default=None, help="where to build the stores (default: a temporary directory)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.reps < 1 or min(args.sizes) < 1:
+        p.error("--reps and --sizes must be positive")
+    return args
+
+
+def timed(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """Mean and std of `fn`'s wall time in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.mean(times), statistics.stdev(times) if len(times) > 1 else 0.0
+
+
+def grow(store: MemoryStore, to: int, gen: torch.Generator) -> None:
+    """Append synthetic chunks (one source per append) until the store holds `to` rows."""
+    have = store.info()["rows"]
+    while have < to:
+        n = min(ADD_ROWS, to - have)
+        source = f"synthetic/{have:08d}"
+        mem = torch.randn(n, store.spec.n_mem, store.spec.hidden, generator=gen)
+        store.add([Chunk(source, "title", TEXT, 0, i) for i in range(n)], mem, begin={source: source},
+                  complete=[source])
+        have += n
+
+
+def bench_config(root: Path, n_mem: int, dtype: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    spec = StoreSpec("synthetic", DOC_MAX_LENGTH // n_mem, n_mem, HIDDEN, dtype, "synthetic")
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(8, n_mem, HIDDEN, generator=gen)
+    rows = []
+    path = root / f"store-{n_mem}-{dtype}"
+    with MemoryStore.create(path, spec) as store:
+        for n in sorted(args.sizes):
+            grow(store, n, gen)
+            info = store.info()
+            base = {"n_mem": n_mem, "compression": spec.compression_rate, "hidden": HIDDEN, "dtype": dtype,
+                    "docs": n, "bytes_per_doc": info["bytes"] / n}
+            for q in (1, 8):
+                mean, std = timed(lambda: search(store, queries[:q], args.k), args.reps)
+                rows.append({**base, "method": "exact", "queries": q, "ms": mean, "ms_std": std})
+            if args.faiss:
+                start = time.perf_counter()
+                search(store, queries[:1], args.k, use_faiss=True)
+                build = (time.perf_counter() - start) * 1e3
+                mean, std = timed(lambda: search(store, queries[:1], args.k, use_faiss=True), args.reps)
+                rows.append({**base, "method": "faiss-flat", "queries": 1, "ms": mean, "ms_std": std,
+                             "first_call_ms": build})
+            print(format_rows(rows[-(3 if args.faiss else 2):], header=n == min(args.sizes)), flush=True)
+        sqlite_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith("store.sqlite"))
+    shutil.rmtree(path)  # free the disk before the next configuration
+    return rows, {"record_bytes": record_dtype(spec).itemsize, "sqlite_bytes_per_doc": sqlite_bytes / max(args.sizes)}
+
+
+def byte_table(sqlite_per_doc: float) -> list[dict]:
+    """Bytes per document for each rate and dtype: the record layout plus the measured SQLite share."""
+    return [{"compression": rate, "n_mem": DOC_MAX_LENGTH // rate, "dtype": dtype,
+             "vector_bytes": (r := record_dtype(StoreSpec("", rate, DOC_MAX_LENGTH // rate, HIDDEN, dtype)).itemsize),
+             "total_bytes": round(r + sqlite_per_doc)} for rate in RATES for dtype in DTYPES]
+
+
+def format_rows(rows: list[dict], header: bool = True) -> str:
+    cols = ["n_mem", "compression", "dtype", "docs", "bytes_per_doc", "method", "queries", "ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)] if header else []
+    for r in rows:
+        ms = f"{r['ms']:.2f} ± {r['ms_std']:.2f}"
+        lines.append("| " + " | ".join([str(r["n_mem"]), str(r["compression"]), r["dtype"], str(r["docs"]),
+                                        f"{r['bytes_per_doc']:.0f}", r["method"], str(r["queries"]), ms]) + " |")
+    return "\n".join(lines)
+
+
+def index_demo(model_spec: str) -> dict:
+    from clara_edge.backend import open_backend
+    from clara_edge.indexing import index_paths
+
+    corpus = resources.files("clara_edge") / "demo_corpus"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = index_paths(open_backend(model_spec), [Path(str(corpus))], Path(tmp) / "s", progress=False)
+    return {"model": model_spec, **report.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if args.faiss:
+            import faiss
+            faiss.omp_set_num_threads(args.threads)
+    out: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                             "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+                 "rows": [], "bytes": {}}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for n_mem in args.n_mem:
+            for dtype in args.dtypes:
+                rows, sizes = bench_config(Path(tmp), n_mem, dtype, args)
+                out["rows"] += rows
+                out["bytes"][f"n_mem{n_mem}-{dtype}"] = sizes
+    sqlite_per_doc = statistics.mean(b["sqlite_bytes_per_doc"] for b in out["bytes"].values())
+    out["bytes_per_doc"] = byte_table(sqlite_per_doc)
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    if args.model:
+        out["index"] = index_demo(args.model)
+        print(f"\nindex: {out['index']['chunks_added']} chunks at {out['index']['docs_per_s']:.1f} docs/s")
+    print(f"\nbytes per document (vector record + {sqlite_per_doc:.0f} B of SQLite for a ~1 KB chunk text):")
+    print("| compression | n_mem | " + " | ".join(DTYPES) + " |\n|---:|---:|" + "---:|" * len(DTYPES))
+    for rate in RATES:
+        cells = [str(b["total_bytes"]) for b in out["bytes_per_doc"] if b["compression"] == rate]
+        print(f"| {rate} | {DOC_MAX_LENGTH // rate} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""`clara-edge index`: files -> documents -> chunks -> memories, appended to a memory store.
+
+Resumable by construction: the store commits once per batch, and a source (file) counts as done only when
+the batch holding its last chunk commits. A later run skips sources whose bytes (sha256) are unchanged and
+complete, redoes a source that was cut off (the store purged its partial chunks when it reopened), and
+replaces the chunks of a source that changed.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .corpus import Chunk, SourceFile, chunk_document, list_files, read_source
+from .datasets import document_text
+from .errors import ClaraError
+from .store import MemoryStore, StoreSpec
+
+COMPACT_DEAD_FRACTION = 0.25  # rewrite the vector file once this share of its rows is dead
+
+
+@dataclass
+class IndexReport:
+    store: str
+    files: int = 0
+    sources_indexed: int = 0
+    sources_unchanged: int = 0
+    empty_files: list[str] = field(default_factory=list)
+    documents: int = 0  # documents read from the sources indexed now
+    chunks_added: int = 0
+    seconds: float = 0.0
+    rows_compacted: int = 0
+
+    @property
+    def docs_per_s(self) -> float:
+        """Stored documents (chunks) compressed and committed per second of the run."""
+        return self.chunks_added / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "docs_per_s": self.docs_per_s}
+
+    def summary(self) -> str:
+        parts = [f"indexed {self.sources_indexed} of {self.files} files: {self.documents} documents -> "
+                 f"{self.chunks_added} chunks in {self.seconds:.1f} s ({self.docs_per_s:.1f} docs/s)"]
+        if self.sources_unchanged:
+            parts.append(f"{self.sources_unchanged} unchanged")
+        if self.empty_files:
+            parts.append(f"{len(self.empty_files)} empty skipped")
+        return "; ".join(parts) + f"; store {self.store}"
+
+
+@dataclass
+class _Batch:
+    chunks: list[Chunk] = field(default_factory=list)
+    begin: dict[str, str] = field(default_factory=dict)  # sources whose first chunk is here: path -> sha256
+    complete: list[str] = field(default_factory=list)  # sources whose last chunk is here
+
+
+def store_spec(model, dtype: str = "fp16") -> StoreSpec:
+    """The store a model writes: its compressor fingerprint, rate and memory shape."""
+    cfg = model.config
+    hidden = getattr(model, "hidden_size", None) or int(model.compress(["x"]).shape[-1])
+    return StoreSpec(model.fingerprint(), cfg.compression_rate, cfg.n_mem, hidden, dtype, cfg.base_model)
+
+
+def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch_size: int = 16,
+                progress: bool = True, dtype: str = "fp16") -> IndexReport:
+    """Index files and folders into the store at `store_dir`.
+
+    A missing store is created for `model` with record `dtype` (fp16, int8 or int4); an existing one must
+    match the model's fingerprint and compression rate and keeps its own dtype. Commits every `batch_size`
+    chunks; a ClaraError for a bad file comes after the work before it is committed.
+    """
+    if batch_size < 1:
+        raise ClaraError(f"--batch-size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    files = list_files(paths)
+    report = IndexReport(store=str(store_dir), files=len(files))
+    with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
+            tqdm(desc="index", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in _batches(_pending(files, store, model, report), batch_size):
+            texts = [document_text((c.title, c.text)) for c in batch.chunks]
+            store.add(batch.chunks, model.compress(texts, batch_size=batch_size), batch.begin, batch.complete)
+            report.chunks_added += len(batch.chunks)
+            bar.update(len(batch.chunks))
+        info = store.info()
+        if info["dead_rows"] > COMPACT_DEAD_FRACTION * max(info["rows"], 1):
+            report.rows_compacted = store.compact()
+    if report.empty_files and report.empty_files == [str(f) for f in files]:
+        raise ClaraError(f"no documents to index: all {len(files)} files are empty")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _pending(files: list[Path], store: MemoryStore, model, report: IndexReport
+             ) -> Iterator[tuple[Chunk, SourceFile, bool, bool]]:
+    """(chunk, its source, first chunk of the source?, last?) for every source that needs (re)indexing."""
+    for path in files:
+        source = read_source(path)
+        state = store.source_state(source.name)
+        if state == (source.sha256, "complete"):
+            report.sources_unchanged += 1
+            continue
+        docs = source.documents()
+        if not docs:
+            report.empty_files.append(source.name)
+            if state is not None:  # it had content before: its old chunks must not outlive it
+                store.delete_source(source.name)
+            continue
+        chunks = [c for d in docs for c in chunk_document(d, model.tokenizer, model.config.doc_max_length)]
+        report.sources_indexed += 1
+        report.documents += len(docs)
+        for i, chunk in enumerate(chunks):
+            yield chunk, source, i == 0, i == len(chunks) - 1
+
+
+def _batches(items: Iterator[tuple[Chunk, SourceFile, bool, bool]], size: int) -> Iterator[_Batch]:
+    batch = _Batch()
+    try:
+        for chunk, source, first, last in items:
+            if first:
+                batch.begin[source.name] = source.sha256
+            batch.chunks.append(chunk)
+            if last:
+                batch.complete.append(source.name)
+            if len(batch.chunks) == size:
+                yield batch
+                batch = _Batch()
+    except ClaraError:
+        if batch.chunks:  # a bad file stops the run: commit the work before it first
+            yield batch
+        raise
+    if batch.chunks:
+        yield batch
+

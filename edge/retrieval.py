@@ -1,0 +1,112 @@
+"""Retrieval: cosine between the flattened query memory and each flattened document memory.
+
+A memory [n_mem, H] is compared as one vector of n_mem*H values (D below), so cosine = inner product of
+L2-normalised D-vectors. Over a store, `search` streams the memory-mapped records in blocks: each block is
+dequantised into one reused fp32 buffer (small enough to stay in cache), scored with one matmul against the
+normalised queries and divided by the document norms the store keeps, so nothing is normalised at query
+time. Rows that are not live (deleted, replaced, or of a source still being indexed) never come back.
+`use_faiss=True` searches a faiss inner-product index over the normalised live rows instead (built on first
+use per store state and kept in memory; an IndexFlatIP by default, any index_factory string otherwise).
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .errors import ClaraError
+from .store import MemoryStore, decode
+
+BLOCK_VALUES = 1 << 22  # fp32 values per scoring block (16 MiB): large enough for a fast matmul, cache-sized
+_FAISS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (state key, index, row ids)
+
+
+def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to("cpu", torch.float32)
+
+
+def flatten_normalize(mem: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Memories [N, n_mem, H] (or already flat [N, D]) -> unit rows [N, D] fp32; zero rows stay zero."""
+    x = _as_tensor(mem)
+    if x.ndim < 2:
+        raise ClaraError(f"expected memories [N, n_mem, H] or [N, D], got shape {tuple(x.shape)}")
+    return torch.nn.functional.normalize(x.flatten(1), dim=-1)
+
+
+def cosine_scores(query: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Query memories [Q, n_mem, H] vs documents [N, n_mem, H] or [N, D] -> cosine [Q, N]."""
+    q, d = flatten_normalize(query), flatten_normalize(docs)
+    if q.shape[1] != d.shape[1]:
+        raise ClaraError(f"query memories have {q.shape[1]} values, documents {d.shape[1]}")
+    return q @ d.T
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best `k` per row of scores [Q, N] -> (values [Q, k'], indices [Q, k']), k' = min(k, N), best first."""
+    if k < 1:
+        raise ClaraError(f"k must be at least 1, got {k}")
+    return torch.topk(scores, min(k, scores.shape[1]), dim=1)
+
+
+def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int,
+           use_faiss: bool = False, faiss_index: str = "Flat") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k live chunks per query: (cosine [Q, k'], chunk ids [Q, k'] int64), k' = min(k, live chunks)."""
+    spec = store.spec
+    q = flatten_normalize(query_memories)
+    if q.shape[1] != spec.n_mem * spec.hidden:
+        raise ClaraError(f"query memories of {q.shape[1]} values do not match store {store.path} "
+                         f"({spec.n_mem} x {spec.hidden})")
+    if k < 1:
+        raise ClaraError(f"k must be at least 1, got {k}")
+    records, live = store.snapshot()
+    k = min(k, int(live.sum()))
+    if k == 0:
+        return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.int64)
+    if use_faiss:
+        return _faiss_search(store, records, live, q, k, faiss_index)
+    block = max(1, BLOCK_VALUES // q.shape[1])
+    buf = torch.empty(block, q.shape[1])
+    best_s = torch.full((q.shape[0], 0), -torch.inf)
+    best_i = torch.empty((q.shape[0], 0), dtype=torch.int64)
+    for start in range(0, len(records), block):
+        part = records[start:start + block]
+        scores = q @ decode(part, spec, out=buf[:len(part)]).T
+        scores *= torch.from_numpy(1.0 / np.maximum(part["norm"].astype(np.float32), 1e-30))
+        dead = ~live[start:start + len(part)]
+        if dead.any():
+            scores[:, torch.from_numpy(dead)] = -torch.inf
+        s, i = top_k(scores, k)
+        best_s, pick = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
+        best_i = torch.cat([best_i, i + start], 1).gather(1, pick)
+    return best_s, best_i
+
+
+def _faiss_search(store: MemoryStore, records: np.ndarray, live: np.ndarray, q: torch.Tensor, k: int,
+                  spec_string: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        import faiss
+    except ImportError:
+        raise ClaraError("faiss is not installed: pip install 'clara-edge[faiss]' (or search without it)") from None
+    key = (len(records), hash(live.tobytes()), spec_string)
+    hit = _FAISS.get(store)
+    if hit is None or hit[0] != key:
+        rows = np.flatnonzero(live)
+        block = max(1, BLOCK_VALUES // q.shape[1])
+
+        def unit_rows(start: int, stop: int) -> np.ndarray:
+            return flatten_normalize(decode(records[rows[start:stop]], store.spec)).numpy()
+
+        try:
+            index = faiss.index_factory(q.shape[1], spec_string, faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:  # e.g. IVF: train on a sample of up to 64k rows
+                index.train(unit_rows(0, 1 << 16))
+        except RuntimeError as e:
+            raise ClaraError(f"faiss index {spec_string!r}: {str(e).strip().splitlines()[-1]}") from None
+        for start in range(0, len(rows), block):
+            index.add(unit_rows(start, start + block))
+        hit = _FAISS[store] = (key, index, rows)
+    _, index, rows = hit
+    scores, pos = index.search(np.ascontiguousarray(q.numpy()), k)
+    ids = np.where(pos >= 0, rows[np.clip(pos, 0, None)], -1)
+    return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))

@@ -1,0 +1,253 @@
+"""index_paths end to end on tiny models: resume, changes, bad input, and kill -9 of a real indexing process."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clara_edge.datasets import document_text
+from clara_edge.errors import ClaraError
+from clara_edge.indexing import index_paths
+from clara_edge.retrieval import search
+from clara_edge.store import MemoryStore
+from tiny import tiny_clara
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    # One torch thread: a tiny model gains nothing from two, and on a busy 2-core machine the second
+    # thread's spin-waits make indexing several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_clara("llama")
+    torch.set_num_threads(threads)
+
+
+def sentence(rng: random.Random) -> str:
+    words = ["river", "mountain", "honey", "printing", "violin", "tide", "volcano", "coffee", "probe", "lake"]
+    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + "."
+
+
+def make_corpus(root: Path, n_txt: int = 30, n_rows: int = 40, seed: int = 0) -> Path:
+    """Text files in two folders, a markdown note and a ../shared/data-style JSONL (two docs per row)."""
+    rng = random.Random(seed)
+    for i in range(n_txt):
+        path = root / f"part{i % 2}" / f"doc{i:03d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(" ".join(sentence(rng) for _ in range(rng.randint(1, 6))))
+    (root / "note.md").write_text("# A note\n\n" + " ".join(sentence(rng) for _ in range(4)))
+    rows = [{"id": str(i), "dataset": "synthetic", "question": "?", "golden_answers": ["x"], "pos_index": [0],
+             "docs": [{"title": f"T{i}-{j}", "text": sentence(rng) + " " + sentence(rng)} for j in range(2)]}
+            for i in range(n_rows)]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def contents(store_dir: Path) -> dict[tuple[str, int, int], tuple[str, torch.Tensor]]:
+    """(source, doc, chunk index) -> (text, memory) of every visible chunk."""
+    with MemoryStore.open(store_dir) as s:
+        _, live = s.snapshot()
+        ids = np.flatnonzero(live).tolist()
+        return {(c.source, c.doc, c.index): (c.text, m) for c, m in zip(s.chunks(ids), s.memories(ids))}
+
+
+def per_source(chunks: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for source, _, _ in chunks:
+        out[source] = out.get(source, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+def test_index_search_and_resume(model, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_txt=6, n_rows=4)
+    report = index_paths(model, [corpus], tmp_path / "s", batch_size=4, progress=False)
+    assert (report.files, report.sources_indexed, report.documents) == (8, 8, 6 + 1 + 8)
+    assert report.chunks_added >= report.documents and report.docs_per_s > 0
+    assert "docs/s" in report.summary()
+    info = MemoryStore.open(tmp_path / "s").info()
+    assert (info["documents"], info["sources"], info["compression"], info["dtype"]) == \
+        (report.chunks_added, 8, 16, "fp16")
+    assert info["fingerprint"] == model.fingerprint() and info["n_mem"] == model.config.n_mem
+    with MemoryStore.open(tmp_path / "s") as s:  # the query adapter starts equal to the compressor
+        chunk = s.chunks([5])[0]
+        scores, ids = search(s, model.encode_query([document_text((chunk.title, chunk.text))]), 1)
+        assert ids.tolist() == [[5]] and scores.item() == pytest.approx(1.0, abs=1e-3)
+        md = [c for c in s.chunks(range(info["documents"])) if c.source.endswith("note.md")]
+        assert md and md[0].title == "A note"
+
+    again = index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert (again.sources_unchanged, again.chunks_added) == (8, 0)
+
+    (corpus / "part0" / "doc000.txt").write_text("Completely new text. Two sentences.")
+    (corpus / "part1" / "doc001.txt").write_text("")  # emptied: its chunks must go
+    changed = index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert (changed.sources_indexed, changed.sources_unchanged, len(changed.empty_files)) == (1, 6, 1)
+    after = contents(tmp_path / "s")
+    assert [t for (src, _, _), (t, _) in after.items() if src.endswith("doc000.txt")] == \
+        ["Completely new text. Two sentences."]
+    assert not [k for k in after if k[0].endswith("doc001.txt")]
+
+
+def test_progress_bar_reports_docs_per_second(model, tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "c", n_txt=2, n_rows=0)
+    index_paths(model, [corpus], tmp_path / "s", batch_size=2, progress=True)
+    assert "doc/s" in capsys.readouterr().err
+
+
+def test_int8_store(model, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_txt=3, n_rows=0)
+    index_paths(model, [corpus], tmp_path / "s8", progress=False, dtype="int8")
+    index_paths(model, [corpus], tmp_path / "s16", progress=False)
+    a, b = contents(tmp_path / "s8"), contents(tmp_path / "s16")
+    assert a.keys() == b.keys() and MemoryStore.open(tmp_path / "s8").info()["dtype"] == "int8"
+    for key in a:
+        assert torch.nn.functional.cosine_similarity(a[key][1].flatten(), b[key][1].flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("zz_binary.txt", b"\x00\x01\x02", "zz_binary.txt: binary file"),
+    ("zz_latin1.txt", "na\xefve".encode("latin-1"), "zz_latin1.txt: not UTF-8 text"),
+    ("zz_bad.jsonl", b"{oops}\n", "zz_bad.jsonl:1: not valid JSON"),
+])
+def test_bad_file_stops_with_one_line_and_keeps_what_was_done(model, tmp_path, name, content, message):
+    corpus = make_corpus(tmp_path / "c", n_txt=3, n_rows=2)
+    (corpus / name).write_bytes(content)  # sorted last: everything before it gets indexed first
+    with pytest.raises(ClaraError, match=message) as err:
+        index_paths(model, [corpus], tmp_path / "s", batch_size=2, progress=False)
+    assert "\n" not in str(err.value)
+    done = MemoryStore.open(tmp_path / "s").info()
+    assert done["sources"] == 5  # the three texts, note.md and rows.jsonl are complete and kept
+    (corpus / name).unlink()
+    report = index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert (report.sources_unchanged, report.chunks_added) == (5, 0)
+
+
+def test_nothing_to_index(model, tmp_path):
+    with pytest.raises(ClaraError, match="no such file or folder"):
+        index_paths(model, [tmp_path / "missing"], tmp_path / "s", progress=False)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "a.txt").write_text("  \n")
+    (tmp_path / "e" / "b.md").write_text("")
+    with pytest.raises(ClaraError, match="all 2 files are empty"):
+        index_paths(model, [tmp_path / "e"], tmp_path / "s", progress=False)
+    with pytest.raises(ClaraError, match="--batch-size must be at least 1"):
+        index_paths(model, [tmp_path / "e"], tmp_path / "s", batch_size=0, progress=False)
+
+
+def test_store_of_another_model_or_rate_is_refused(model, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_txt=2, n_rows=0)
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    for other in (tiny_clara("llama", seed=1), tiny_clara("llama", compression_rate=32)):
+        with pytest.raises(ClaraError, match=r"was built with model tiny-llama .* at compression 16, not"):
+            index_paths(other, [corpus], tmp_path / "s", progress=False)
+    assert MemoryStore.open(tmp_path / "s", verify="full").info()["sources"] == 3  # 2 texts + note.md
+
+
+# ------------------------------------------------------------------------------------------ kill -9
+# One `python3 -c` process imports torch, builds the tiny model (fixed seed) and then forks a fresh child per
+# indexing run, so each run is a real process we can SIGKILL without paying the imports again.
+ZYGOTE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)  # before any op: a one-thread runtime forks safely
+    from tiny import tiny_clara
+    from clara_edge.indexing import index_paths
+    model = tiny_clara("llama")
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        pid = os.fork()
+        if pid == 0:
+            index_paths(model, [{corpus!r}], {store!r}, batch_size=8, progress=False)
+            os._exit(0)
+        print("@", pid, flush=True)
+        print("@", os.waitpid(pid, 0)[1], flush=True)
+""")
+
+
+def committed_rows(store: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{store / 'store.sqlite'}?mode=ro", uri=True, timeout=0.1) as db:
+            return int(db.execute("SELECT value FROM meta WHERE key = 'rows'").fetchone()[0])
+    except (sqlite3.Error, TypeError):
+        return -1  # not created yet
+
+
+def reply(zygote: subprocess.Popen) -> int:
+    """The zygote's next protocol line ("@ N"); libraries may print other lines to stdout."""
+    while line := zygote.stdout.readline():
+        if line.startswith("@ "):
+            return int(line[2:])
+    raise AssertionError(f"the indexing process died: exit code {zygote.wait()}")
+
+
+def run_and_kill(zygote: subprocess.Popen, store: Path, extra_rows: int, rng: random.Random) -> bool:
+    """One indexing run; SIGKILL it once `extra_rows` more rows are committed, after a random delay so the
+    kill lands anywhere (compressing, writing vectors, committing). True if it was killed mid-run."""
+    start = max(committed_rows(store), 0)
+    zygote.stdin.write("run\n")
+    zygote.stdin.flush()
+    pid = reply(zygote)
+    deadline = time.monotonic() + 120
+    while committed_rows(store) < start + extra_rows and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.05))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    status = reply(zygote)
+    assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"indexer failed: status {status}"
+    return os.WIFSIGNALED(status)
+
+
+def test_kill_9_at_several_points_then_resume_equals_a_clean_run(model, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE.format(tests=str(TESTS), corpus=str(corpus),
+                                                                   store=str(tmp_path / "crash"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        clean = index_paths(model, [corpus], tmp_path / "clean", batch_size=8, progress=False)
+        expected = contents(tmp_path / "clean")
+        expected_per_source = per_source(expected)
+        assert clean.chunks_added == len(expected) > 100
+
+        rng = random.Random(4)
+        kills = 0
+        for fraction in (0.1, 0.3, 0.3):
+            kills += run_and_kill(zygote, tmp_path / "crash", max(1, int(fraction * len(expected))), rng)
+            with MemoryStore.open(tmp_path / "crash", verify="full") as s:  # opens, checksums hold
+                info = s.info()
+            now = contents(tmp_path / "crash")
+            assert info["documents"] == len(now) <= len(expected)
+            for source, n in per_source(now).items():  # only complete sources are visible
+                assert n == expected_per_source[source]
+        assert kills >= 2, "the indexer finished before it could be killed"
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=60)
+
+    resumed = index_paths(model, [corpus], tmp_path / "crash", batch_size=8, progress=False)
+    assert resumed.sources_indexed + resumed.sources_unchanged == clean.sources_indexed
+    got = contents(tmp_path / "crash")
+    assert got.keys() == expected.keys()
+    assert MemoryStore.open(tmp_path / "crash").info()["documents"] == clean.chunks_added
+    for key, (text, mem) in expected.items():
+        assert got[key][0] == text
+        torch.testing.assert_close(got[key][1], mem, atol=2e-3, rtol=1e-2)

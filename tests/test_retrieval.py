@@ -1,0 +1,115 @@
+"""Flattened-cosine retrieval: the math, and exact search over a store against brute force."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from clara_edge import retrieval
+from clara_edge.errors import ClaraError
+from clara_edge.retrieval import cosine_scores, flatten_normalize, search, top_k
+from clara_edge.store import MemoryStore, StoreSpec
+from test_store import add_source, memories
+
+SPEC = StoreSpec("fp", 16, n_mem=4, hidden=16)
+
+
+def test_flatten_normalize_shapes_and_zero_rows():
+    mem = torch.randn(5, 4, 16)
+    mem[2] = 0
+    unit = flatten_normalize(mem)
+    assert unit.shape == (5, 64) and unit.dtype == torch.float32
+    np.testing.assert_allclose(unit.norm(dim=1).numpy(), [1, 1, 0, 1, 1], atol=1e-6)
+    torch.testing.assert_close(flatten_normalize(mem.flatten(1).numpy()), unit)
+    with pytest.raises(ClaraError, match="expected memories"):
+        flatten_normalize(torch.ones(3))
+
+
+def test_cosine_is_over_the_flattened_memory():
+    q, d = torch.randn(3, 4, 16, dtype=torch.float64), torch.randn(7, 4, 16, dtype=torch.float64)
+    expect = torch.tensor([[torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+                            for b in d] for a in q], dtype=torch.float64)
+    torch.testing.assert_close(cosine_scores(q, d).double(), expect, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cosine_scores(q, d.flatten(1)), cosine_scores(q, d))
+    # Not the mean of per-slot cosines: slots with larger norms weigh more.
+    per_slot = torch.nn.functional.cosine_similarity(q[:, None], d[None], dim=-1).mean(-1)
+    assert not torch.allclose(per_slot.float(), cosine_scores(q, d), atol=1e-3)
+    with pytest.raises(ClaraError, match="query memories have 64 values, documents 32"):
+        cosine_scores(q, torch.randn(2, 32))
+
+
+def test_top_k_caps_k_and_sorts():
+    values, idx = top_k(torch.tensor([[0.1, 0.9, 0.5]]), 5)
+    assert idx.tolist() == [[1, 2, 0]] and values.shape == (1, 3)
+    with pytest.raises(ClaraError):
+        top_k(torch.zeros(1, 3), 0)
+
+
+@pytest.fixture
+def store(tmp_path, request):
+    dtype = getattr(request, "param", "fp16")
+    with MemoryStore.create(tmp_path / "s", StoreSpec("fp", 16, 4, 16, dtype)) as s:
+        for i in range(6):
+            add_source(s, f"src{i}", 7, seed=i)
+        yield s
+
+
+def brute_force(store: MemoryStore, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    records, live = store.snapshot()
+    ids = np.flatnonzero(live)
+    scores = cosine_scores(queries, store.memories(ids.tolist()))
+    values, pos = top_k(scores, k)
+    return values, torch.from_numpy(ids)[pos]
+
+
+@pytest.mark.parametrize("store", ["fp16", "int8", "int4"], indirect=True)
+@pytest.mark.parametrize("block_values", [64 * 5, retrieval.BLOCK_VALUES])  # 5 rows per block, or one block
+def test_search_equals_brute_force(store, monkeypatch, block_values):
+    monkeypatch.setattr(retrieval, "BLOCK_VALUES", block_values)
+    queries = memories(5, 99, SPEC)
+    scores, ids = search(store, queries, 6)
+    expect_scores, expect_ids = brute_force(store, queries, 6)
+    assert ids.tolist() == expect_ids.tolist()
+    torch.testing.assert_close(scores, expect_scores, atol=1e-5, rtol=0)
+
+
+def test_search_finds_the_document_itself(store):
+    mem = store.memories(list(range(42)))
+    scores, ids = search(store, mem[[3, 17, 40]], 1)
+    assert ids[:, 0].tolist() == [3, 17, 40] and torch.allclose(scores, torch.ones(3, 1), atol=1e-5)
+
+
+def test_search_skips_dead_and_unfinished_rows_and_caps_k(store):
+    store.delete_source("src0")
+    add_source(store, "late", 3, seed=50, complete=False)
+    mem = store.memories(list(range(45)))
+    scores, ids = search(store, mem[[0, 43]], 100)  # queries equal to a deleted and an unfinished row
+    assert ids.shape == (2, 35)
+    assert not set(ids.flatten().tolist()) & (set(range(7)) | set(range(42, 45)))
+    store.compact()
+    assert search(store, mem[:1], 3)[1].max() < 35
+
+
+def test_search_on_empty_store_and_bad_queries(tmp_path):
+    with MemoryStore.create(tmp_path / "e", SPEC) as s:
+        scores, ids = search(s, memories(2, 0, SPEC), 5)
+        assert scores.shape == ids.shape == (2, 0)
+        with pytest.raises(ClaraError, match="do not match store"):
+            search(s, torch.randn(1, 2, 16), 5)
+        with pytest.raises(ClaraError, match="k must be at least 1"):
+            search(s, memories(1, 0, SPEC), 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
+def test_faiss_path_agrees_with_exact(store):
+    queries = memories(4, 123, SPEC)
+    exact_s, exact_i = search(store, queries, 5)
+    faiss_s, faiss_i = search(store, queries, 5, use_faiss=True)
+    assert faiss_i.tolist() == exact_i.tolist()
+    torch.testing.assert_close(faiss_s, exact_s, atol=1e-4, rtol=0)
+    store.delete_source("src1")  # the cached index follows the store's state
+    assert not set(search(store, queries, 30, use_faiss=True)[1].flatten().tolist()) & set(range(7, 14))
+    with pytest.raises(ClaraError, match="faiss index 'Nonsense'"):
+        search(store, queries, 5, use_faiss=True, faiss_index="Nonsense")
