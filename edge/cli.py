@@ -144,23 +144,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval_command
-    result = run_eval_command(args, _open)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    from .evaluate import evaluate_file
+    result = evaluate_file(_open(args), args.data, mode=args.mode, retriever=args.retriever, top_k=args.top_k,
+                           corpus=args.corpus, limit=args.limit, json_out=args.json_out,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
 
 
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    out = {"compression": args.compression, "max_steps": args.max_steps, "data_dir": args.data}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ClaraError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train_cli import run_train_command
-    print(run_train_command(args))
+    from clara_edge.export.train import load_recipe, train
+    overrides = _recipe_overrides(args)
+    out = args.out
+    if out is None:
+        rate = args.compression or load_recipe(args.recipe, overrides)["model"]["compression_rate"]
+        out = Path("runs") / f"{Path(str(args.recipe)).stem}-cr{rate}"
+    final = train(args.recipe, Path(out), resume=not args.no_resume, overrides=overrides, device=args.device,
+                  stop_after=args.stop_after, progress=not args.no_progress)
+    print(final if final is not None else "stopped; run the same command again to continue")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export_cli import run_export_command
-    return run_export_command(args)
+    from clara_edge.export.api import check_export, export_model
+    if args.check:
+        result = check_export(Path(args.check), dev_file=args.data, n_dev=args.limit, json_out=args.json_out)
+        print(json.dumps(result, indent=2))
+        return 0
+    if not args.out:
+        raise ClaraError("export needs --out DIR (or --check DIR to check an existing export)")
+    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -220,13 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _backend_option(p)
 
-    p = add("train", cmd_train, "train adapters by distillation (CLaRa's three stages) from a recipe")
+    p = add("train", cmd_train, "train adapters by distillation (CLaRa's three stages) from a recipe; resumable")
     p.add_argument("--recipe", default="default", help="recipe name (export/recipes/NAME.json) or path")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, logs); resumes if it exists")
-    p.add_argument("--compression", type=int, default=None, help="override the recipe's compression rate")
-    p.add_argument("--max-steps", type=int, default=None, help="override the steps of every stage")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has state")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="run directory (default runs/<recipe>-cr<N>); resumes if it exists")
+    p.add_argument("--compression", type=int, default=None, help="compression rate (overrides the recipe)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per stage (smoke runs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: what accelerate picks)")
+    p.add_argument("--data", default=None, help="training data folder (default: the recipe's)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N optimizer steps of this invocation (rerun to continue)")
+    p.add_argument("--no-resume", action="store_true", help="start the run directory over")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any recipe field, e.g. stages.0.lr=3e-4 (VALUE parsed as JSON when it can be)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add("export", cmd_export, "export to ONNX / Core ML with quantisation, or check an export's parity")
     p.add_argument("--format", default="onnx", choices=["onnx", "coreml"])

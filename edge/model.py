@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -360,8 +360,16 @@ class ClaraModel(nn.Module):
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return Generation(texts, tokens, context, prefill_end - start, end - prefill_end)
 
+    @contextmanager
     def _adapters_disabled_if(self, disabled: bool):
-        return self.lm.disable_adapter() if disabled else nullcontext()
+        if not disabled:
+            yield
+            return
+        try:
+            with self.lm.disable_adapter():
+                yield
+        finally:
+            self._sync_requires_grad()  # peft re-enables grads of the active adapter only
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
