@@ -7,6 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this when it is first imported, which transformers or torch may do before a kernel test
+# module runs: set it here, first. On a GPU run the compiled kernels with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
