@@ -1,0 +1,298 @@
+"""The ONNX Runtime backend: runs an export directory made by `clara-edge export --format onnx`.
+
+An export directory (see `clara_edge.export.onnx_export`) holds
+
+    clara_export.json   manifest: format, format_version, quant, ClaraConfig, fingerprints, token ids, shapes,
+                        file sizes
+    compressor.onnx     inputs_embeds [B, T, H], attention_mask [B, T] -> memories [B, M, H]
+    query.onnx          the same graph with the query adapter
+    generator.onnx      inputs_embeds [B, T, H], attention_mask [B, P+T], position_ids [B, T],
+                        past_key_i / past_value_i [B, kv_heads, P, head_dim] (P may be 0)
+                        -> logits [B, V] (last position), present_key_i / present_value_i [B, kv, P+T, D]
+    weights.bin         the graphs' weights, each distinct tensor stored once (the three roles share the base)
+    embeddings.npy      [base_vocab + n_special, H] token table (fp32, fp16, or int8 with embedding_scales.npy)
+    tokenizer/          the tokenizer, added tokens included
+
+The runtime embeds token ids itself (memory-mapped table), so the table exists once and memory slots are
+spliced exactly as in `ClaraModel`. Text wrapping, batching, prompt building and splicing are ClaraModel's own
+methods, reused here unchanged; only the forward passes and the KV-cache loop are ONNX Runtime's.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backend import EXPORT_MANIFEST
+from .errors import ClaraError
+from .model import ROLES, ClaraConfig, ClaraModel, Generation, TokenCallback
+from .prompt import special_tokens
+
+EXPORT_FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+EMBEDDINGS_FILE = "embeddings.npy"
+EMBEDDING_SCALES_FILE = "embedding_scales.npy"
+
+
+def read_manifest(path: Path, fmt: str, manifest: dict | None = None) -> dict:
+    """Validate an export directory's manifest (and that its files are whole); ClaraError otherwise."""
+    path = Path(path)
+    if manifest is None:
+        if not path.is_dir():
+            raise ClaraError(f"export directory not found: {path}")
+        try:
+            manifest = json.loads((path / EXPORT_MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ClaraError(f"{path} is not a clara-edge export (no {EXPORT_MANIFEST})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ClaraError(f"corrupted export manifest {path / EXPORT_MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise ClaraError(f"{path} is not a {fmt} export (manifest format {manifest.get('format')!r})"
+                         if isinstance(manifest, dict) else f"corrupted export manifest in {path}")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
+        raise ClaraError(f"export {path} has format version {version}; this clara-edge reads up to "
+                         f"{EXPORT_FORMAT_VERSION}: upgrade clara-edge or re-export")
+    required = ("config", "fingerprint", "files", "special_ids", "base_vocab", "hidden_size")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ClaraError(f"export manifest {path / EXPORT_MANIFEST} lacks {', '.join(missing)}: re-export")
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ClaraError(f"export {path} is incomplete: {name} is missing (re-export)")
+        if file.stat().st_size != size:
+            raise ClaraError(f"export file {file} is {file.stat().st_size} bytes, the manifest says {size}: "
+                             "corrupted or truncated (re-export)")
+    return manifest
+
+
+def load_tokenizer(path: Path, manifest: dict):
+    """The export's tokenizer; its added tokens must carry the ids the graphs were exported with."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    except (OSError, ValueError) as e:
+        raise ClaraError(f"cannot load the tokenizer of export {path}: {str(e).splitlines()[0][:160]}") from None
+    ids = dict(zip(manifest["special_ids"], tok.convert_tokens_to_ids(list(manifest["special_ids"]))))
+    if ids != manifest["special_ids"]:
+        raise ClaraError(f"export {path}: the tokenizer's added-token ids differ from the manifest (re-export)")
+    return tok
+
+
+class ExportedBackend:
+    """What the ONNX Runtime and Core ML backends share: manifest, tokenizer, embedding table, decode loop.
+
+    Subclasses run the graphs: `_encode(role, embeds, mask)` and `_generator_step(embeds, mask, positions, state)`.
+    """
+
+    name = "exported"
+    fmt = ""
+    max_batch: int | None = None  # generator rows per forward (Core ML's stateful cache holds one)
+
+    # ClaraModel's text handling, reused as is (they read tokenizer, config, special_ids, mem_ids, device,
+    # dtype, hidden_size and call embed / encode_ids / decode, which this class provides).
+    _special = ClaraModel._special
+    tokenize_documents = ClaraModel.tokenize_documents
+    pad_left = ClaraModel.pad_left
+    _encode_texts = ClaraModel._encode_texts
+    compress = ClaraModel.compress
+    encode_query = ClaraModel.encode_query
+    prompt_ids = ClaraModel.prompt_ids
+    splice = ClaraModel.splice
+    generation_inputs = ClaraModel.generation_inputs
+    _pick = staticmethod(ClaraModel._pick)
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, path: str | Path, manifest: dict | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, self.fmt, manifest)
+        try:
+            self.config = ClaraConfig(**self.manifest["config"])
+        except TypeError as e:
+            raise ClaraError(f"export manifest {self.path / EXPORT_MANIFEST}: bad config ({e})") from None
+        self.tokenizer = load_tokenizer(self.path, self.manifest)
+        self.special_ids: dict[str, int] = dict(self.manifest["special_ids"])
+        if list(self.special_ids) != special_tokens(self.config.n_mem):
+            raise ClaraError(f"export {self.path}: special tokens do not match n_mem {self.config.n_mem}")
+        self.mem_ids = torch.tensor([self.special_ids[t] for t in special_tokens(self.config.n_mem)[:self.config.n_mem]])
+        self.eos_list: list[int] = list(self.manifest.get("eos_ids", []))
+        self.base_vocab = int(self.manifest["base_vocab"])
+        self.hidden_size = int(self.manifest["hidden_size"])
+        self._table, self._scales = self._load_embeddings()
+        self._row_of: dict[int, int] = {tid: self.base_vocab + i for i, tid in enumerate(self.special_ids.values())}
+
+    # ---------------------------------------------------------------- Backend protocol extras
+    def fingerprint(self, roles: Sequence[str] = ("compressor",)) -> str:
+        """The source torch model's fingerprint: memory stores built by either backend stay valid."""
+        if tuple(roles) == ("compressor",):
+            return self.manifest["fingerprint"]
+        if tuple(roles) == ROLES:
+            return self.manifest.get("model_fingerprint", "")
+        raise ClaraError("an export records the compressor and whole-model fingerprints only")
+
+    def eos_ids(self) -> list[int]:
+        return list(self.eos_list)
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"backend": self.name, "path": str(self.path), "quant": m.get("quant"), "lora": m.get("lora"),
+                "size_mb": m.get("size_mb"), "base_model": self.config.base_model,
+                "compression_rate": self.config.compression_rate, "n_mem": self.config.n_mem}
+
+    # ---------------------------------------------------------------- embeddings
+    def _load_embeddings(self) -> tuple[np.ndarray, np.ndarray | None]:
+        try:
+            table = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
+            scales = (np.load(self.path / EMBEDDING_SCALES_FILE, mmap_mode="r")
+                      if (self.path / EMBEDDING_SCALES_FILE).is_file() else None)
+        except (OSError, ValueError) as e:
+            raise ClaraError(f"corrupted embedding table in {self.path}: {str(e).splitlines()[0][:160]}") from None
+        rows = self.base_vocab + len(self.special_ids)
+        if table.ndim != 2 or table.shape != (rows, self.hidden_size) or (scales is not None and scales.shape != (rows,)):
+            raise ClaraError(f"embedding table in {self.path} has shape {table.shape}, expected {(rows, self.hidden_size)}")
+        return table, scales
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> fp32 embeddings [B, T, H]; added tokens read their own rows (as ClaraModel.embed)."""
+        flat = ids.reshape(-1).tolist()
+        rows = np.array([self._row_of.get(t, t if t < self.base_vocab else 0) for t in flat], dtype=np.int64)
+        vecs = np.asarray(self._table[rows], dtype=np.float32)
+        if self._scales is not None:
+            vecs *= np.asarray(self._scales[rows], dtype=np.float32)[:, None]
+        return torch.from_numpy(vecs).reshape(*ids.shape, self.hidden_size)
+
+    # ---------------------------------------------------------------- encoders
+    def encode_ids(self, role: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Wrapped ids [B, T] -> memories [B, M, H] (the graph keeps the trailing MEM slots)."""
+        out = self._encode(role, self.embed(ids).numpy(), mask.numpy().astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+    def _encode(self, role: str, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- generator
+    def _generator_state(self, batch: int):
+        raise NotImplementedError
+
+    def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, state):
+        """One forward: -> (last-position logits [B, V] fp32, new state)."""
+        raise NotImplementedError
+
+    def generate(self, questions: Sequence[str], memories: Sequence[torch.Tensor], max_new_tokens: int = 64,
+                 **sampling) -> Generation:
+        """Answer each question from its memories [k_i, M, H] (greedy unless do_sample)."""
+        step = self.max_batch or max(1, len(questions))
+        parts = []
+        for start in range(0, max(1, len(questions)), step):
+            embeds, mask = self.generation_inputs(questions[start:start + step], memories[start:start + step])
+            parts.append(self.decode(embeds, mask, "generator", max_new_tokens, **sampling))
+        if len(parts) == 1:
+            return parts[0]
+        return Generation([t for p in parts for t in p.texts], [t for p in parts for t in p.token_ids],
+                          [c for p in parts for c in p.context_positions], sum(p.prefill_s for p in parts),
+                          sum(p.decode_s for p in parts))
+
+    def decode(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, role: str | None = "generator",
+               max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               seed: int | None = None, on_token: TokenCallback | None = None) -> Generation:
+        """Greedy / sampled decoding from left-padded embeddings [B, T, H] with an explicit KV cache."""
+        if role != "generator":
+            raise ClaraError(f"a {self.fmt} export decodes with the generator adapter only (role {role!r})")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(self.eos_list)
+        embeds = inputs_embeds.detach().float().numpy()
+        mask_np = mask.numpy().astype(np.int64)
+        batch = embeds.shape[0]
+        positions = np.clip(mask_np.cumsum(-1) - 1, 0, None)
+        context = mask_np.sum(-1).tolist()
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = np.zeros(batch, dtype=bool)
+        start = time.perf_counter()
+        prefill_end = None
+        logits, state = self._generator_step(embeds, mask_np, positions, self._generator_state(batch))
+        for _ in range(max_new_tokens):
+            nxt = self._pick(torch.from_numpy(logits), do_sample, temperature, top_p, gen).numpy()
+            if prefill_end is None:
+                prefill_end = time.perf_counter()
+            for row in np.flatnonzero(~finished).tolist():
+                tid = int(nxt[row])
+                if tid in eos:
+                    finished[row] = True
+                    continue
+                tokens[row].append(tid)
+                if on_token is not None:
+                    on_token(row, self.tokenizer.decode([tid]))
+            if finished.all():
+                break
+            mask_np = np.concatenate([mask_np, np.ones((batch, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            logits, state = self._generator_step(self.embed(torch.from_numpy(nxt[:, None])).numpy(), mask_np,
+                                                 positions, state)
+        end = time.perf_counter()
+        prefill_end = prefill_end or end
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end)
+
+
+class OnnxBackend(ExportedBackend):
+    """ONNX Runtime on CPU, graph optimisations ORT_ENABLE_ALL; sessions open on first use of each role."""
+
+    name = "onnx"
+    fmt = "onnx"
+
+    def __init__(self, path: str | Path, manifest: dict | None = None, threads: int | None = None,
+                 optimization: str = "all") -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ClaraError("the ONNX backend needs onnxruntime: pip install 'clara-edge[onnx]'") from None
+        super().__init__(path, manifest)
+        self.threads = threads
+        self.optimization = optimization
+        self.graphs: dict[str, str] = dict(self.manifest.get("graphs", {r: f"{r}.onnx" for r in ROLES}))
+        self.num_layers = int(self.manifest["num_layers"])
+        self.kv_shape = (int(self.manifest["num_kv_heads"]), int(self.manifest["head_dim"]))
+        self._sessions: dict = {}
+
+    def session(self, role: str):
+        """The role's InferenceSession (created once)."""
+        if role not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = {
+                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.optimization]
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            opts.log_severity_level = 3
+            file = self.path / self.graphs[role]
+            try:
+                self._sessions[role] = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
+                raise ClaraError(f"cannot load {file}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]} (corrupted export? re-export)") from None
+        return self._sessions[role]
+
+    def _encode(self, role: str, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.session(role).run(["memories"], {"inputs_embeds": embeds, "attention_mask": mask})[0]
+
+    def _generator_state(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
+        return {f"past_{kind}_{i}": empty for i in range(self.num_layers) for kind in ("key", "value")}
+
+    def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                        state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        sess = self.session("generator")
+        names = ["logits"] + [n.replace("past_", "present_", 1) for n in state]
+        out = sess.run(names, {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": mask,
+                               "position_ids": positions.astype(np.int64, copy=False), **state})
+        return out[0].astype(np.float32, copy=False), dict(zip(state, out[1:]))

@@ -1,0 +1,41 @@
+"""The export toolchain's entry points, for `clara-edge export` and scripts.
+
+    export_model(model, fmt, quant, out_dir, source=None, **options) -> Path
+    check_export(export_dir, reference_model=None, questions=QUESTIONS, dev_file=None, n_dev=100,
+                 json_out=None, probe=True, max_new_tokens=32) -> dict
+    check_memory_quant(model, dtype="int8", questions=QUESTIONS, dev_file=None, n_dev=100, ...) -> dict
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clara_edge.errors import ClaraError
+from clara_edge.model import ClaraModel
+
+from .parity import check_export, check_memory_quant
+from .quantize import QUANTS
+
+FORMATS = ("onnx", "coreml")
+
+__all__ = ["FORMATS", "QUANTS", "check_export", "check_memory_quant", "export_model"]
+
+
+def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, source: str | None = None,
+                 **options) -> Path:
+    """Export `model` (a torch ClaraModel) to `out_dir` as `fmt` (onnx | coreml) with `quant` weights.
+
+    `source` is how the model was named (checkpoint dir, base model; None for the default): it is recorded so
+    `check_export` can rebuild the fp32 reference. Options: onnx `lora="shared"|"merged"`; coreml
+    `max_context=1024`, `palettize=False`. Returns the export directory (itself a model for --model).
+    """
+    if not isinstance(model, ClaraModel):
+        raise ClaraError("export needs a torch model (a checkpoint, base model or the default), not an export")
+    if fmt == "onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(model, out_dir, quant, source=source, **options)
+    if fmt == "coreml":
+        from .coreml_export import export_coreml
+
+        return export_coreml(model, out_dir, quant, source=source, **options)
+    raise ClaraError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")

@@ -1,0 +1,107 @@
+"""Core ML export: the traced wrappers against torch (anywhere), conversion + spec checks (where coremltools
+installs), predictions (macOS only; scripts/coreml_mac_check.py runs the full parity gate on a Mac)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tiny import randomize_adapters, tiny_clara
+
+from clara_edge.backend import EXPORT_MANIFEST, open_backend
+from clara_edge.coreml_backend import causal_mask
+from clara_edge.errors import ClaraError
+from clara_edge.export.coreml_export import CoreMLEncoder, CoreMLGenerator, coreml_unavailable
+from clara_edge.export.parity import torch_forced_logits
+
+DOCS = ["The Eiffel Tower is in Paris, the capital of France.", "Water boils at 100 degrees Celsius at sea level."]
+needs_coremltools = pytest.mark.skipif(coreml_unavailable() is not None, reason=str(coreml_unavailable()))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_clara("llama")
+    randomize_adapters(m, scale=0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def coreml_export(model, tmp_path_factory):
+    from clara_edge.export.coreml_export import export_coreml
+
+    return export_coreml(model, tmp_path_factory.mktemp("coreml") / "int4", "int4", max_context=256)
+
+
+def test_causal_mask():
+    m = causal_mask(2, 3)
+    assert m.shape == (1, 1, 2, 5)
+    assert (m[0, 0, 0] == [0, 0, 0, 0, -1e4]).all() and (m[0, 0, 1] == 0).all()
+
+
+def test_encoder_wrapper_matches_compress(model):
+    with torch.no_grad():
+        ref = model.compress(DOCS, batch_size=1)
+        ids = model.tokenize_documents(DOCS)
+        enc = CoreMLEncoder(model, "compressor").eval()
+        got = torch.cat([enc(model.embed(torch.tensor([s]))) for s in ids])
+    assert float((ref - got).abs().max()) < 1e-5
+
+
+def test_stateful_generator_wrapper_matches_torch(model):
+    """Prefill then single-token steps through the in-place cache give torch's logits."""
+    mem = model.compress(DOCS)
+    with torch.no_grad():
+        embeds, mask = model.generation_inputs(["where is the tower?"], [mem])
+        forced = [5, 17, 42, 99]
+        ref = torch_forced_logits(model, embeds, mask, forced)
+        gen = CoreMLGenerator(model, 2, 2, 8, max_context=256).eval()
+        t = embeds.shape[1]
+        rows = [gen(embeds, torch.from_numpy(causal_mask(t, 0)))]
+        for i, tid in enumerate(forced[:-1]):
+            rows.append(gen(model.embed(torch.tensor([[tid]])), torch.from_numpy(causal_mask(1, t + i))))
+    assert np.abs(ref - torch.cat(rows).numpy()).max() < 1e-4
+
+
+@needs_coremltools
+def test_coreml_export_spec(model, coreml_export):
+    from clara_edge.export.coreml_export import check_spec
+
+    spec = check_spec(coreml_export)
+    assert spec["problems"] == []
+    assert spec["specification_version"] >= 9  # iOS 18 / macOS 15: states, multifunction
+    assert set(spec["functions"]) == {"compressor", "query", "generator"}
+    assert spec["weight_ops"].get("constexpr_blockwise_shift_scale", 0) > 0  # int4 blocks (+ int8 head)
+    m = json.loads((coreml_export / EXPORT_MANIFEST).read_text())
+    assert m["format"] == "coreml" and m["quant"] == "int4" and m["fingerprint"] == model.fingerprint()
+    assert m["multifunction_mb"] < m["separate_mb"]  # the shared base is stored once
+
+
+@needs_coremltools
+@pytest.mark.skipif(sys.platform == "darwin", reason="Linux behaviour")
+def test_coreml_backend_refuses_off_macos(coreml_export):
+    with pytest.raises(ClaraError, match="Core ML runs only on macOS"):
+        open_backend(str(coreml_export))
+
+
+@needs_coremltools
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_predictions_match_torch(model, coreml_export):
+    from clara_edge.export.parity import check_export
+
+    result = check_export(coreml_export, reference_model=model, probe=False, max_new_tokens=10)
+    assert result["graphs"]["compressor"]["cosine_min"] > 0.98
+    assert result["token_agreement"] >= 0.6
+
+
+@needs_coremltools
+@pytest.mark.slow
+def test_palettized_export(model, tmp_path):
+    pytest.importorskip("sklearn")  # coremltools' k-means
+    from clara_edge.export.coreml_export import check_spec, export_coreml
+
+    out = export_coreml(model, tmp_path / "pal", "int4", max_context=64, palettize=True)
+    spec = check_spec(out)
+    assert spec["problems"] == [] and spec["weight_ops"].get("constexpr_lut_to_dense", 0) > 0

@@ -1,0 +1,254 @@
+"""ONNX export and the ONNX Runtime backend, on tiny random models (one trace shared by the module)."""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from tiny import randomize_adapters, tiny_clara  # noqa: E402
+
+from clara_edge.backend import EXPORT_MANIFEST, open_backend  # noqa: E402
+from clara_edge.errors import ClaraError  # noqa: E402
+from clara_edge.export.onnx_export import trace_graphs, write_onnx_export  # noqa: E402
+from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
+from clara_edge.onnx_backend import OnnxBackend  # noqa: E402
+
+DOCS = ["The Eiffel Tower is in Paris, the capital of France.",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "Mount Everest is the highest mountain above sea level, in Asia, between Nepal and China."]
+QUESTIONS = ["who wrote Hamlet?", "where is the tower?", "what boils at sea level?"]
+_TMP = Path(tempfile.mkdtemp(prefix="clara-onnx-tests-"))
+atexit.register(shutil.rmtree, _TMP, True)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_traced(family: str = "llama", lora: str = "shared"):
+    """A tiny random model (non-trivial adapters) and its three traced fp32 graphs."""
+    model = tiny_clara(family)
+    randomize_adapters(model, scale=0.05)
+    return model, trace_graphs(model, lora)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_onnx_export(quant: str = "fp32", family: str = "llama", lora: str = "shared"):
+    """(model, export dir) for the tiny model at `quant` (written once per test session)."""
+    model, traced = tiny_traced(family, lora)
+    return model, write_onnx_export(model, traced, _TMP / f"{family}-{lora}-{quant}", quant)
+
+
+def _copy_export(quant: str, tmp_path: Path) -> Path:
+    _, src = tiny_onnx_export(quant)
+    dst = tmp_path / "export"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _max_abs(a, b) -> float:
+    return float((torch.as_tensor(a).detach() - torch.as_tensor(b).detach()).abs().max())
+
+
+# ------------------------------------------------------------------------------------------ fp32 parity
+def test_fp32_encoders_match_torch():
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    ref, got = model.compress(DOCS, batch_size=3), backend.compress(DOCS, batch_size=3)  # one padded batch
+    assert got.shape == ref.shape == (3, model.config.n_mem, model.hidden_size)
+    assert _max_abs(ref, got) < 1e-4
+    assert _max_abs(model.encode_query(QUESTIONS), backend.encode_query(QUESTIONS)) < 1e-4
+
+
+def test_fp32_generator_matches_torch_through_kv_cache_steps():
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    mem = model.compress(DOCS[:2])
+    embeds, mask = model.generation_inputs([QUESTIONS[1]], [mem])
+    forced = [5, 17, 42, 99, 7, 250]  # arbitrary tokens: prefill + 5 decode steps
+    ref = torch_forced_logits(model, embeds, mask, forced)
+    got = export_forced_logits(backend, embeds, mask, forced)
+    assert got.shape == ref.shape == (len(forced), backend.manifest["vocab_size"])
+    assert np.abs(ref - got).max() < 1e-4
+
+
+def test_fp32_generate_equals_torch_batched_left_padded():
+    model, path = tiny_onnx_export("fp32")
+    backend = open_backend(str(path))
+    mem = model.compress(DOCS)
+    memories = [mem[:1], mem, mem[1:2]]  # different prompt lengths: left padding in one batch
+    ref = model.generate(QUESTIONS, memories, max_new_tokens=12)
+    got = backend.generate(QUESTIONS, memories, max_new_tokens=12)
+    assert got.token_ids == ref.token_ids
+    assert got.texts == ref.texts
+    assert got.context_positions == ref.context_positions
+    assert got.prefill_s > 0 and got.decode_s >= 0
+
+
+def test_streaming_and_sampling():
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    mem = model.compress(DOCS[:1])
+    pieces: list[tuple[int, str]] = []
+    gen = backend.generate([QUESTIONS[0]], [mem], max_new_tokens=6, on_token=lambda r, s: pieces.append((r, s)))
+    assert len(pieces) == len(gen.token_ids[0])
+    a = backend.generate([QUESTIONS[0]], [mem], max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    b = backend.generate([QUESTIONS[0]], [mem], max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    assert a.token_ids == b.token_ids
+
+
+def test_graph_optimisations_do_not_change_results():
+    model, path = tiny_onnx_export("fp32")
+    full, none = OnnxBackend(path, optimization="all"), OnnxBackend(path, optimization="none")
+    assert _max_abs(full.compress(DOCS), none.compress(DOCS)) < 1e-5
+    mem = model.compress(DOCS[:1])
+    assert full.generate(QUESTIONS[:1], [mem], 8).token_ids == none.generate(QUESTIONS[:1], [mem], 8).token_ids
+
+
+# ------------------------------------------------------------------------------------------ the directory
+def test_manifest_and_shared_weights():
+    model, path = tiny_onnx_export("fp32")
+    m = json.loads((path / EXPORT_MANIFEST).read_text())
+    assert m["format"] == "onnx" and m["quant"] == "fp32" and m["lora"] == "shared"
+    assert m["fingerprint"] == model.fingerprint()
+    assert m["special_ids"] == {t: model.special_ids[t] for t in m["special_ids"]}
+    assert m["eos_ids"] == model.eos_ids()
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (2, 2, 8)
+    assert {"compressor.onnx", "query.onnx", "generator.onnx", "weights.bin", "embeddings.npy"} <= set(m["files"])
+    # the three roles reference the same base weights, stored once
+    assert m["weights_referenced_bytes"] > 2 * m["weights_unique_bytes"]
+    backend = open_backend(str(path))
+    assert isinstance(backend, OnnxBackend) and backend.name == "onnx"
+    assert backend.fingerprint() == model.fingerprint()
+    assert backend.config == model.config
+
+
+def test_embedding_lookup_matches_model():
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    ids = torch.tensor([[0, 5, model.special_ids["<ENC>"], model.special_ids["<MEM0>"], 300, 319]])
+    assert _max_abs(model.embed(ids), backend.embed(ids)) == 0.0
+
+
+def test_backend_choice_must_match_the_export():
+    _, path = tiny_onnx_export("fp32")
+    with pytest.raises(ClaraError, match="onnx model"):
+        open_backend(str(path), backend="torch")
+
+
+# ------------------------------------------------------------------------------------------ quantised exports
+@pytest.mark.parametrize("quant,cos_min,agree_min", [("fp16", 0.9999, 0.95), ("int8", 0.999, 0.9),
+                                                     ("int4", 0.98, 0.6)])
+def test_quantised_exports_run_and_agree(quant, cos_min, agree_min):
+    from clara_edge.export.parity import graph_and_token_parity
+
+    model, path = tiny_onnx_export(quant)
+    backend = OnnxBackend(path)
+    result = graph_and_token_parity(backend, model, [(q, [d]) for q, d in zip(QUESTIONS, DOCS)], max_new_tokens=12)
+    for graph in ("compressor", "query", "generator"):
+        assert result["graphs"][graph]["cosine_min"] > cos_min, (graph, result["graphs"][graph])
+    assert result["token_agreement"] >= agree_min
+    fp32 = json.loads((tiny_onnx_export("fp32")[1] / EXPORT_MANIFEST).read_text())
+    assert backend.manifest["files"]["weights.bin"] < fp32["files"]["weights.bin"]
+
+
+def test_int4_uses_matmulnbits_with_8bit_head_and_lora():
+    import onnx
+
+    _, path = tiny_onnx_export("int4")
+    graph = onnx.load(str(path / "generator.onnx"), load_external_data=False).graph
+    bits = sorted({next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"})
+    levels = {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in graph.node
+              if n.op_type == "MatMulNBits"}
+    assert bits == [4, 8] and levels == {4}
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_directory(tmp_path):
+    with pytest.raises(ClaraError, match="not found"):
+        OnnxBackend(tmp_path / "nope")
+
+
+def test_truncated_weights(tmp_path):
+    path = _copy_export("fp32", tmp_path)
+    data = (path / "weights.bin").read_bytes()
+    (path / "weights.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ClaraError, match="corrupted or truncated") as e:
+        open_backend(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_corrupted_graph(tmp_path):
+    path = _copy_export("fp32", tmp_path)
+    size = (path / "query.onnx").stat().st_size
+    (path / "query.onnx").write_bytes(b"\x07garbage" * (size // 8) + b"\0" * (size % 8))
+    backend = open_backend(str(path))  # sizes still match: the graph fails when its session opens
+    with pytest.raises(ClaraError, match="cannot load .*query.onnx") as e:
+        backend.encode_query(["anything"])
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_from_a_newer_version(tmp_path):
+    path = _copy_export("fp32", tmp_path)
+    m = json.loads((path / EXPORT_MANIFEST).read_text())
+    m["format_version"] = 99
+    (path / EXPORT_MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ClaraError, match="format version 99"):
+        open_backend(str(path))
+
+
+def test_corrupted_manifest(tmp_path):
+    path = _copy_export("fp32", tmp_path)
+    (path / EXPORT_MANIFEST).write_text("{not json")
+    with pytest.raises(ClaraError, match="corrupted export manifest"):
+        open_backend(str(path))
+    (path / EXPORT_MANIFEST).write_text(json.dumps({"format": "onnx", "format_version": 1}))
+    with pytest.raises(ClaraError, match="lacks"):
+        open_backend(str(path))
+
+
+def test_out_dir_that_is_not_an_export(tmp_path):
+    model, traced = tiny_traced("llama", "shared")
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ClaraError, match="not an export directory"):
+        write_onnx_export(model, traced, tmp_path, "fp32")
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_reexport_replaces_atomically(tmp_path):
+    model, traced = tiny_traced("llama", "shared")
+    out = write_onnx_export(model, traced, tmp_path / "x", "fp32")
+    out = write_onnx_export(model, traced, tmp_path / "x", "int8")
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["quant"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+# ------------------------------------------------------------------------------------------ slower variants
+@pytest.mark.slow
+def test_merged_lora_matches_torch_and_is_larger():
+    model, path = tiny_onnx_export("fp32", lora="merged")
+    backend = OnnxBackend(path)
+    assert _max_abs(model.compress(DOCS), backend.compress(DOCS)) < 1e-4
+    mem = model.compress(DOCS[:1])
+    assert backend.generate(QUESTIONS[:1], [mem], 10).token_ids == model.generate(QUESTIONS[:1], [mem], 10).token_ids
+    shared = json.loads((tiny_onnx_export("fp32")[1] / EXPORT_MANIFEST).read_text())
+    assert backend.manifest["files"]["weights.bin"] > shared["files"]["weights.bin"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "mistral"])
+def test_other_families_fp32(family):
+    model, path = tiny_onnx_export("fp32", family=family)
+    backend = OnnxBackend(path)
+    assert _max_abs(model.compress(DOCS), backend.compress(DOCS)) < 1e-4
+    mem = model.compress(DOCS[:2])
+    ref = model.generate(QUESTIONS[:2], [mem[:1], mem], max_new_tokens=8)
+    assert backend.generate(QUESTIONS[:2], [mem[:1], mem], max_new_tokens=8).token_ids == ref.token_ids

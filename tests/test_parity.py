@@ -1,0 +1,107 @@
+"""The parity gate (`clara-edge export --check`) and the memory-store quantisation gate, on tiny models."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from test_export_onnx import DOCS, QUESTIONS, tiny_onnx_export  # noqa: E402
+from tiny import tiny_clara  # noqa: E402
+
+from clara_edge.errors import ClaraError  # noqa: E402
+from clara_edge.export.api import check_export, check_memory_quant, export_model  # noqa: E402
+from clara_edge.export.parity import tensor_error  # noqa: E402
+
+FIXED = [(q, [d]) for q, d in zip(QUESTIONS, DOCS)]
+
+
+@pytest.fixture(scope="module")
+def dev_file(tmp_path_factory):
+    """A 4-row dev JSONL in the shared eval format (question, golden_answers, docs, pos_index)."""
+    rows = [{"id": f"d{i}", "dataset": "tiny", "question": q, "golden_answers": [a],
+             "docs": [{"title": "T", "text": d}, {"title": "X", "text": "Unrelated text."}], "pos_index": [0]}
+            for i, (q, a, d) in enumerate(zip(QUESTIONS + ["what is high?"], ["Shakespeare", "Paris", "water", "Everest"],
+                                              DOCS + [DOCS[2]]))]
+    path = tmp_path_factory.mktemp("dev") / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tensor_error():
+    a = np.ones((2, 3, 4), dtype=np.float32)
+    assert tensor_error(a, a) == {"max_abs": 0.0, "cosine": pytest.approx(1.0), "cosine_min": pytest.approx(1.0)}
+    err = tensor_error(a, -a)
+    assert err["max_abs"] == 2.0 and err["cosine"] == pytest.approx(-1.0)
+
+
+def test_fp32_export_passes_the_gate(tmp_path, dev_file):
+    model, path = tiny_onnx_export("fp32")
+    out = tmp_path / "parity.json"
+    result = check_export(path, reference_model=model, questions=FIXED, dev_file=dev_file, n_dev=4, json_out=out,
+                          max_new_tokens=10)
+    assert result["token_agreement"] == 1.0 and result["sequence_match"] == 1.0
+    assert result["f1_delta"] == 0.0 and result["n_dev"] == 4
+    for graph in ("compressor", "query", "generator"):
+        assert result["graphs"][graph]["max_abs"] < 1e-4
+        assert result["graphs"][graph]["cosine_min"] > 0.99999
+    assert result["passed"] is True
+    written = json.loads(out.read_text())
+    for key in ("token_agreement", "f1_delta", "size_mb", "peak_rss_mb", "tokens_per_s"):
+        assert key in written
+    assert written["peak_rss_mb"] > 0 and written["tokens_per_s"] > 0 and written["size_mb"] > 0
+
+
+def test_int4_export_is_measured_against_its_own_targets():
+    model, path = tiny_onnx_export("int4")
+    result = check_export(path, reference_model=model, questions=FIXED, probe=False, max_new_tokens=10)
+    assert 0.0 <= result["token_agreement"] <= 1.0
+    assert result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 1.5}
+    assert result["graphs"]["generator"]["max_abs"] > 0  # quantised: not bit-exact
+    assert result["f1_delta"] is None and result["passed"] == (result["token_agreement"] >= 0.95)
+
+
+def test_reference_must_be_the_source_model():
+    _, path = tiny_onnx_export("fp32")
+    other = tiny_clara("llama", seed=5)
+    with pytest.raises(ClaraError, match="not the one this export was made from"):
+        check_export(path, reference_model=other, questions=FIXED, probe=False)
+
+
+def test_check_needs_an_export(tmp_path):
+    with pytest.raises(ClaraError):
+        check_export(tmp_path / "missing", probe=False)
+
+
+def test_export_model_dispatch(tmp_path):
+    model = tiny_onnx_export("fp32")[0]
+    with pytest.raises(ClaraError, match="unknown export format"):
+        export_model(model, "tflite", "fp32", tmp_path / "x")
+    with pytest.raises(ClaraError, match="unknown quantisation"):
+        export_model(model, "onnx", "int3", tmp_path / "x")
+    with pytest.raises(ClaraError, match="torch model"):
+        export_model(object(), "onnx", "fp32", tmp_path / "x")
+
+
+def test_store_int8_vectors_against_fp16(dev_file):
+    model = tiny_onnx_export("fp32")[0]
+    result = check_memory_quant(model, "int8", questions=FIXED, dev_file=dev_file, n_dev=4, max_new_tokens=10)
+    assert result["memories"]["cosine_min"] > 0.999
+    assert result["token_agreement"] >= 0.9
+    assert abs(result["f1_delta"]) <= 100 and "passed" in result
+
+
+def test_bitsandbytes_reports_unavailability_in_one_line():
+    from clara_edge.export.bnb import bnb_unavailable, quantize_bnb
+
+    reason = bnb_unavailable("cpu")
+    if reason is None:
+        pytest.skip("bitsandbytes runs here")
+    assert "\n" not in reason
+    with pytest.raises(ClaraError):
+        quantize_bnb(tiny_clara("llama"), "nf4", "cpu")
+    assert torch.__version__  # torch untouched
