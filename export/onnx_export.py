@@ -136,8 +136,11 @@ def _to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output
 
 def _optimize(proto):
     """onnxscript's optimiser: constant folding (weight transposes included), fusions, dead-code removal."""
+    import logging
+
     import onnxscript.optimizer
 
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)  # its rewriter logs every rule at INFO
     return onnxscript.optimizer.optimize(proto)
 
 

@@ -10,14 +10,13 @@
     f1_torch, f1_export, f1_delta   token F1 (0-100) on `n_dev` dev questions with their gold documents as
                      memories (each backend compresses them itself); delta = export - torch
     size_mb, peak_rss_mb, tokens_per_s, prefill_s   the export on disk; a fresh process's peak RSS and batch-1
-                     decode speed (64 forced tokens after a warm-up)
+                     decode speed on one CPU thread (64 forced tokens after a warm-up)
     targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8), <= 1.5 (int4)
 `check_memory_quant` applies the same gate to a memory store's int8 (or int4) vectors against fp16 ones.
 """
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -271,9 +270,24 @@ def check_memory_quant(model: ClaraModel, dtype: str = "int8", questions=QUESTIO
 
 
 # ------------------------------------------------------------------------------------------ RSS and speed
-def probe_process(model: str | None, timeout: float = 900) -> dict:
-    """Peak RSS and batch-1 decode speed of `model` (an export directory or torch model spec) in a fresh process."""
-    cmd = [sys.executable, "-m", "clara_edge.export.parity", "--probe", model or "default"]
+def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux VmHWM: not inherited from the parent, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def probe_process(model: str | None, threads: int = 1, timeout: float = 900) -> dict:
+    """Peak RSS and batch-1 decode speed of `model` (an export directory or torch model spec) in a fresh
+    process, on `threads` CPU threads (1 by default: comparable across formats and on a busy machine)."""
+    cmd = [sys.executable, "-m", "clara_edge.export.parity", "--probe", model or "default", "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -285,13 +299,23 @@ def probe_process(model: str | None, timeout: float = 900) -> dict:
     return json.loads(lines[-1])
 
 
-def _probe(model: str) -> dict:
+def _probe(model: str, threads: int) -> dict:
     """Run in the probe process: load, compress one document, decode PROBE_TOKENS tokens (EOS ignored)."""
     import transformers  # noqa: F401  (the runtime's own imports, before any model: the RSS floor)
 
-    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from clara_edge.backend import export_manifest
+
+    torch.set_num_threads(threads)
+    import_rss = peak_rss_mb()
     start = time.perf_counter()
-    backend = open_backend(None if model == "default" else model)
+    path = None if model == "default" else Path(model)
+    manifest = export_manifest(path) if path is not None and path.is_dir() else None
+    if manifest and manifest.get("format") == "onnx":
+        from clara_edge.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(path, manifest, threads=threads)
+    else:
+        backend = open_backend(None if path is None else str(path))
     load_s = time.perf_counter() - start
     q, docs = QUESTIONS[0]
     mem = backend.compress(docs)
@@ -302,16 +326,19 @@ def _probe(model: str) -> dict:
         backend.eos_list = []
     gen = backend.generate([q], [mem], max_new_tokens=PROBE_TOKENS)
     steps = max(gen.new_tokens - 1, 1)  # the first token comes out of prefill
-    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "tokens_per_s": round(steps / max(gen.decode_s, 1e-9), 2), "prefill_s": round(gen.prefill_s, 4),
-            "import_rss_mb": round(import_rss, 1), "load_s": round(load_s, 2), "probe_backend": backend.name}
+    return {"peak_rss_mb": round(peak_rss_mb(), 1), "tokens_per_s": round(steps / max(gen.decode_s, 1e-9), 2),
+            "prefill_s": round(gen.prefill_s, 4), "prompt_positions": gen.context_positions[0],
+            "import_rss_mb": round(import_rss, 1), "load_s": round(load_s, 2), "threads": threads,
+            "probe_backend": backend.name}
 
 
 if __name__ == "__main__":
+    import argparse
     import warnings
 
     warnings.simplefilter("ignore")
-    if len(sys.argv) == 3 and sys.argv[1] == "--probe":
-        print(json.dumps(_probe(sys.argv[2])))
-    else:
-        sys.exit("usage: python -m clara_edge.export.parity --probe EXPORT_DIR|MODEL")
+    parser = argparse.ArgumentParser(prog="python -m clara_edge.export.parity")
+    parser.add_argument("--probe", required=True, metavar="EXPORT_DIR|MODEL")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    print(json.dumps(_probe(args.probe, args.threads)))

@@ -92,6 +92,18 @@ def test_fp32_generate_equals_torch_batched_left_padded():
     assert got.prefill_s > 0 and got.decode_s >= 0
 
 
+def test_row_by_row_generation_matches_batched():
+    """The path Core ML takes (one sequence per cache state) gives the batched tokens."""
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    mem = model.compress(DOCS)
+    memories = [mem[:1], mem, mem[1:2]]
+    batched = backend.generate(QUESTIONS, memories, max_new_tokens=8)
+    backend.max_batch = 1
+    rows = backend.generate(QUESTIONS, memories, max_new_tokens=8)
+    assert rows.token_ids == batched.token_ids and rows.context_positions == batched.context_positions
+
+
 def test_streaming_and_sampling():
     model, path = tiny_onnx_export("fp32")
     backend = OnnxBackend(path)

@@ -1,0 +1,129 @@
+"""`clara-edge bench` smoke test on a tiny random model and a tiny generated data set, plus its pieces."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from clara_edge.bench import anchor
+from clara_edge.bench.latency import (backend_unavailable, expand_backends, kv_bytes, max_k_in_context,
+                                     run_in_subprocess)
+from clara_edge.bench.report import run_bench
+from clara_edge.errors import ClaraError
+
+FACTS = ["The Eiffel Tower is in Paris.", "Mount Everest is the highest mountain.", "Water boils at 100 degrees.",
+         "Hamlet was written by William Shakespeare.", "The Nile flows through Egypt.", "Tea comes from China."]
+QUESTIONS = [("Where is the Eiffel Tower?", "Paris", 0), ("Which is the highest mountain?", "Mount Everest", 1),
+             ("Who wrote Hamlet?", "William Shakespeare", 3)]
+
+
+def _write_data(folder):
+    """A multi-document set (own candidates) and a one-document set (pooled candidates), in the eval format."""
+    folder.mkdir()
+    docs = [{"title": f"T{i}", "text": t} for i, t in enumerate(FACTS)]
+    multi = [{"id": f"m{i}", "dataset": "multi", "question": q, "golden_answers": [a], "docs": docs,
+              "pos_index": [g]} for i, (q, a, g) in enumerate(QUESTIONS)]
+    pooled = [{"id": f"p{i}", "dataset": "pooled", "question": q, "golden_answers": [a], "docs": [docs[g]],
+               "pos_index": [0]} for i, (q, a, g) in enumerate(QUESTIONS)]
+    for name, rows in (("multi.jsonl", multi), ("pooled.jsonl", pooled)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _unavailable_backend() -> str:
+    return next(b for b in ("coreml", "cuda", "cuda-triton") if backend_unavailable(b))
+
+
+def test_bench_quick_smoke(tiny_base_dir, tmp_path):
+    out = tmp_path / "out"
+    missing = _unavailable_backend()
+    report = run_bench(str(tiny_base_dir), ["torch", missing], out, quick=True, data_dir=_write_data(tmp_path / "data"),
+                       accuracy_limit=2, latency_reps=1, command="pytest", log=lambda msg: None)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["command"] == "pytest" and saved["wall_s"] > 0
+    for key in ("accuracy", "latency", "anchor", "targets", "machine", "versions"):
+        assert key in saved
+    assert {"cpu", "cores", "ram_gib", "os"} <= set(saved["machine"])
+    assert saved["versions"]["torch"] and saved["versions"]["transformers"]
+
+    acc = saved["accuracy"]
+    assert {r["dataset"] for r in acc} == {"multi", "pooled"}
+    assert len({r["method"] for r in acc}) == 6  # closed-book, 2 text RAG, CR16, CR64, CR64 k=50
+    for r in acc:
+        assert {"dataset", "method", "compression", "top_k", "em", "f1", "cover_em", "recall@5",
+                "context_positions"} <= set(r)
+        assert r["f1"] is not None, r["note"]
+    clara16 = next(r for r in acc if r["method"] == "clara CR16" and r["dataset"] == "multi")
+    text5 = next(r for r in acc if r["method"] == "text RAG (BM25 top-5)" and r["dataset"] == "multi")
+    assert clara16["compression"] == 16 and clara16["top_k"] == 5 and clara16["recall@5"] is not None
+    assert text5["effective_compression"] == 1.0 and text5["compression"] is None
+    assert 1 < next(r for r in acc if r["method"] == "clara CR64 k=50")["top_k"] <= 50  # what fits 512 positions
+
+    lat = saved["latency"]
+    for r in lat:
+        assert {"method", "backend", "k", "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "kv_bytes"} <= set(r)
+        assert r["method"].startswith(("clara", "text"))
+    measured = [r for r in lat if r["backend"] == "torch" and r["ttft_s"] is not None]
+    assert {r["method"] for r in measured} == {"clara CR16", "text RAG"}
+    assert all(r["peak_rss_mb"] > 0 and r["kv_bytes"] > 0 for r in measured)
+    over = [r for r in lat if r["ttft_s"] is None and r["note"].startswith("exceeds context")]
+    assert any(r["method"] == "text RAG" and r["k"] == 100 for r in over)  # 100 texts overflow 512 positions
+    assert all(r["kv_bytes"] for r in over)
+    assert all(r["note"].startswith("unavailable") for r in lat if r["backend"] == missing)
+    assert saved["anchor"] and saved["anchor"][0]["note"]
+
+    md = (out / "report.md").read_text()
+    assert "| dataset | method |" in md and "| method | backend | k |" in md and "±" in md
+    for png in ("f1_vs_context.png", "ttft_vs_k.png", "rss_per_backend.png"):
+        assert (out / png).stat().st_size > 1000
+    assert report["targets"][0]["value"] is not None  # TTFT ratio at k=5 measured on torch
+
+
+def test_backend_names_and_kv_arithmetic():
+    assert expand_backends(["onnx", "torch,onnx-int4"], quick=False) == ["onnx-fp32", "onnx-int8", "onnx-int4", "torch"]
+    assert expand_backends(None, quick=True) == ["torch", "onnx-int4"]
+    with pytest.raises(ClaraError):
+        expand_backends(["onx"], quick=True)
+    # SmolLM2-135M: 30 layers, 3 kv heads of 64, fp32 -> 46080 bytes per position
+    assert kv_bytes((30, 3, 64, 4), 1) == 46080 and kv_bytes(None, 10) is None
+    assert max_k_in_context(lambda k: 50 + 17 * k, 8192 - 32, 100) == 100
+    assert max_k_in_context(lambda k: 50 + 170 * k, 8192 - 32, 100) == 47
+    assert run_in_subprocess("clara_edge.bench.no_such_worker", {})["error"].startswith("worker exited 1")
+
+
+def test_anchor_with_a_stand_in_llama_cpp(monkeypatch, tmp_path):
+    """The llama.cpp timing loop against a fake module (the real one is an optional, compiled extra)."""
+    class FakeLlama:
+        def __init__(self, model_path, **kw):
+            self.kw = kw
+
+        def reset(self):
+            pass
+
+        def token_eos(self):
+            return 2
+
+        def generate(self, tokens, **kw):
+            yield from [5, 6, 7, 2, 9]
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama, __version__="fake"))
+    monkeypatch.setattr(anchor, "fetch_gguf", lambda workdir: tmp_path / "model.gguf")
+    rows = anchor.run_anchor({5: [[1] * 40, [1] * 44]}, n_ctx=8192, threads=1, reps=2, max_new_tokens=16,
+                             notes={100: "exceeds context (17000 positions > 8192)"})
+    assert [r["k"] for r in rows] == [5, 100]
+    assert rows[0]["reps"] == 2 and rows[0]["positions"] == 42 and rows[0]["ttft_s"] > 0
+    assert rows[0]["prefill_tokens_per_s"] > 0 and rows[0]["decode_tokens_per_s"] > 0
+    assert rows[1]["ttft_s"] is None and rows[1]["note"].startswith("exceeds")
+    monkeypatch.delitem(sys.modules, "llama_cpp")
+    monkeypatch.setattr("builtins.__import__", _no_llama(__import__))
+    assert anchor.run_anchor({}, n_ctx=1, threads=1, reps=1, max_new_tokens=1)[0]["note"] == anchor.NOT_INSTALLED
+
+
+def _no_llama(real_import):
+    def fake(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    return fake
