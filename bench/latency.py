@@ -456,8 +456,8 @@ def worker_main(argv: list[str] | None, module: str, work: Callable[[dict], dict
     p.add_argument("--worker", required=True, help="the worker's parameters as JSON")
     p.add_argument("--result", required=True, help="where to write the result JSON")
     args = p.parse_args(argv)
-    from clara_edge.cli import _quiet_libraries
-    _quiet_libraries()  # as the CLI does (CLARA_EDGE_DEBUG=1 keeps warnings)
+    from clara_edge.quiet import quiet_libraries
+    quiet_libraries()  # as the CLI does (CLARA_EDGE_DEBUG=1 keeps warnings)
     Path(args.result).write_text(json.dumps(work(json.loads(args.worker))) + "\n")
     return 0
 

@@ -5,11 +5,11 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ClaraError
+from .quiet import quiet_libraries
 
 PROG = "clara-edge"
 
@@ -289,23 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library warnings and progress bars are noise on a CLI; CLARA_EDGE_DEBUG=1 brings them back."""
-    if os.environ.get("CLARA_EDGE_DEBUG"):
-        return
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except ClaraError as e:

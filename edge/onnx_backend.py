@@ -126,6 +126,7 @@ class ExportedBackend:
         self.eos_list: list[int] = list(self.manifest.get("eos_ids", []))
         self.base_vocab = int(self.manifest["base_vocab"])
         self.hidden_size = int(self.manifest["hidden_size"])
+        self.max_positions = int(self.manifest.get("max_positions", 2048))  # the generator's window
         self._table, self._scales = self._load_embeddings()
         self._row_of: dict[int, int] = {tid: self.base_vocab + i for i, tid in enumerate(self.special_ids.values())}
 

@@ -285,7 +285,7 @@ def base_manifest(model: ClaraModel, fmt: str, quant: str, source: str | None) -
             "base_fingerprint": model.base_fingerprint,
             "special_ids": {t: model.special_ids[t] for t in tokens}, "eos_ids": model.eos_ids(),
             "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "base_vocab": model.base_vocab,
-            "hidden_size": model.hidden_size}
+            "hidden_size": model.hidden_size, "max_positions": model.max_positions}
 
 
 def write_common(model: ClaraModel, out: Path, quant: str) -> None:
