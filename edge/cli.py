@@ -198,6 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="On-device compression-native RAG (CLaRa).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: $CLARA_EDGE_THREADS, else all cores but one)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('clara_edge').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
+        from .devices import configure_threads
+        configure_threads(args.threads)
         return int(args.func(args) or 0)
     except ClaraError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

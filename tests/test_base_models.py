@@ -90,3 +90,16 @@ def test_devices_and_dtypes():
         resolve_device("tpu")
     with pytest.raises(ClaraError, match="unknown dtype"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_configure_threads(monkeypatch):
+    from clara_edge.devices import configure_threads
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("CLARA_EDGE_THREADS", "2")
+        assert configure_threads() == 2
+        with pytest.raises(ClaraError):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
