@@ -38,7 +38,7 @@ from clara_edge.model import ROLES, ClaraModel
 from clara_edge.onnx_backend import (EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION, TOKENIZER_DIR)
 from clara_edge.prompt import special_tokens
 
-from .quantize import QUANTS, embedding_table, quantize_graph
+from .quantize import ACCURACY_LEVEL, QUANTS, embedding_table, quantize_graph
 
 LORA_MODES = ("shared", "merged")
 WEIGHTS_FILE = "weights.bin"
@@ -288,13 +288,18 @@ def base_manifest(model: ClaraModel, fmt: str, quant: str, source: str | None) -
             "hidden_size": model.hidden_size, "max_positions": model.max_positions}
 
 
+def write_table(out: Path, table: np.ndarray, quant: str) -> None:
+    """The embedding table (fp32 rows in) as stored for `quant`."""
+    values, scales = embedding_table(table, quant)
+    np.save(out / EMBEDDINGS_FILE, values)
+    if scales is not None:
+        np.save(out / EMBEDDING_SCALES_FILE, scales)
+
+
 def write_common(model: ClaraModel, out: Path, quant: str) -> None:
     """Tokenizer and embedding table, the same for every format."""
     model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    table, scales = embedding_table(_embedding_rows(model), quant)
-    np.save(out / EMBEDDINGS_FILE, table)
-    if scales is not None:
-        np.save(out / EMBEDDING_SCALES_FILE, scales)
+    write_table(out, _embedding_rows(model), quant)
 
 
 def finish_export(out: Path, final: str | Path, manifest: dict) -> Path:
@@ -320,24 +325,26 @@ def staging_dir(out_dir: str | Path) -> Path:
     return tmp
 
 
-def write_onnx_export(model: ClaraModel, traced: TracedGraphs, out_dir: str | Path, quant: str = "fp32",
-                      source: str | None = None) -> Path:
-    """Quantise traced graphs and write a complete export directory (atomically)."""
+def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: int | None, manifest: dict,
+                write_rest) -> Path:
+    """Quantise `protos` (consumed), write graphs + weights, `write_rest(tmp)` the rest, then the manifest."""
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
+    level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     tmp = staging_dir(out_dir)
     try:
-        protos = {role: quantize_graph(copy.deepcopy(traced.protos[role]), quant) for role in ROLES}
+        for role in ROLES:
+            protos[role] = quantize_graph(protos[role], quant, level, manifest["config"]["lora_r"],
+                                          manifest["vocab_size"])
         stats = save_graphs(protos, tmp)
-        del protos
-        write_common(model, tmp, quant)
-        manifest = base_manifest(model, "onnx", quant, source)
+        protos.clear()
+        write_rest(tmp)
+        quantised = quant in ("int8", "int4")
         manifest.update({
-            "lora": traced.lora, "graphs": {role: f"{role}.onnx" for role in ROLES}, "weights": WEIGHTS_FILE,
-            "num_layers": traced.num_layers, "num_kv_heads": traced.num_kv_heads, "head_dim": traced.head_dim,
-            "vocab_size": traced.vocab_size, "kv_dtype": "float32", "opset": OPSET,
-            "embeddings": {"file": EMBEDDINGS_FILE, "dtype": "int8" if quant in ("int8", "int4") else quant,
-                           "scales": EMBEDDING_SCALES_FILE if quant in ("int8", "int4") else None},
+            "quant": quant, "accuracy_level": level if quantised else None,
+            "graphs": {role: f"{role}.onnx" for role in ROLES}, "weights": WEIGHTS_FILE, "kv_dtype": "float32",
+            "opset": OPSET, "embeddings": {"file": EMBEDDINGS_FILE, "dtype": "int8" if quantised else quant,
+                                           "scales": EMBEDDING_SCALES_FILE if quantised else None},
             "weights_unique_bytes": stats["unique_bytes"], "weights_referenced_bytes": stats["referenced_bytes"],
             "weights_dedup_saved_mb": round((stats["referenced_bytes"] - stats["unique_bytes"]) / 2**20, 2),
             "versions": _versions()})
@@ -347,9 +354,42 @@ def write_onnx_export(model: ClaraModel, traced: TracedGraphs, out_dir: str | Pa
         raise
 
 
+def write_onnx_export(model: ClaraModel, traced: TracedGraphs, out_dir: str | Path, quant: str = "fp32",
+                      source: str | None = None, accuracy_level: int | None = None) -> Path:
+    """Quantise traced graphs and write a complete export directory (atomically)."""
+    manifest = base_manifest(model, "onnx", quant, source)
+    manifest.update({"lora": traced.lora, "num_layers": traced.num_layers, "num_kv_heads": traced.num_kv_heads,
+                     "head_dim": traced.head_dim, "vocab_size": traced.vocab_size})
+    protos = {role: copy.deepcopy(traced.protos[role]) for role in ROLES}
+    return _write_onnx(out_dir, protos, quant, accuracy_level, manifest,
+                       lambda tmp: write_common(model, tmp, quant))
+
+
+def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy_level: int | None = None) -> Path:
+    """Quantise an fp32 ONNX export into a new export directory, without the model or a new trace."""
+    import onnx
+
+    from clara_edge.onnx_backend import read_manifest
+
+    src = Path(src)
+    manifest = read_manifest(src, "onnx")
+    if manifest.get("quant") != "fp32":
+        raise ClaraError(f"{src} is a {manifest.get('quant')} export: quantise from an fp32 export")
+    if Path(out_dir).expanduser().resolve() == src.resolve():
+        raise ClaraError("requantising needs a new --out directory")
+    protos = {role: onnx.load(str(src / manifest["graphs"][role])) for role in ROLES}
+    carried = {k: v for k, v in manifest.items() if not k.startswith(("files", "size_mb", "weights_"))}
+
+    def write_rest(tmp: Path) -> None:
+        shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        write_table(tmp, np.load(src / EMBEDDINGS_FILE), quant)
+
+    return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest)
+
+
 def export_onnx(model: ClaraModel, out_dir: str | Path, quant: str = "fp32", lora: str = "shared",
-                source: str | None = None) -> Path:
+                source: str | None = None, accuracy_level: int | None = None) -> Path:
     """Export `model` as an ONNX directory at `out_dir` (quant: fp32 | fp16 | int8 | int4)."""
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
-    return write_onnx_export(model, trace_graphs(model, lora), out_dir, quant, source)
+    return write_onnx_export(model, trace_graphs(model, lora), out_dir, quant, source, accuracy_level)
