@@ -10,7 +10,10 @@ An export directory (see `clara_edge.export.onnx_export`) holds
                         past_key_i / past_value_i [B, kv_heads, P, head_dim] (P may be 0)
                         -> logits [B, V] (last position), present_key_i / present_value_i [B, kv, P+T, D]
     weights.bin         the graphs' weights, each distinct tensor stored once (the three roles share the base)
-    embeddings.npy      [base_vocab + n_special, H] token table (fp32, fp16, or int8 with embedding_scales.npy)
+    embeddings.npy      [base_vocab, H] base token table: fp32, fp16, or int8 with embedding_scales.npy
+                        (fp16 [base_vocab, H / block]: one scale per block of each row)
+    special_embeddings.npy  [n_special, H] fp32: the added tokens (<MEM_i>, <AE>, <ENC>, <SEP>), never
+                        quantised: memory slots are read at the MEM positions, so their inputs must be exact
     tokenizer/          the tokenizer, added tokens included
 
 The runtime embeds token ids itself (memory-mapped table), so the table exists once and memory slots are
@@ -36,6 +39,7 @@ EXPORT_FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 EMBEDDINGS_FILE = "embeddings.npy"
 EMBEDDING_SCALES_FILE = "embedding_scales.npy"
+SPECIAL_EMBEDDINGS_FILE = "special_embeddings.npy"
 
 
 def read_manifest(path: Path, fmt: str, manifest: dict | None = None) -> dict:
@@ -127,8 +131,8 @@ class ExportedBackend:
         self.base_vocab = int(self.manifest["base_vocab"])
         self.hidden_size = int(self.manifest["hidden_size"])
         self.max_positions = int(self.manifest.get("max_positions", 2048))  # the generator's window
-        self._table, self._scales = self._load_embeddings()
-        self._row_of: dict[int, int] = {tid: self.base_vocab + i for i, tid in enumerate(self.special_ids.values())}
+        self._table, self._scales, self._special_table = self._load_embeddings()
+        self._special_row: dict[int, int] = {tid: i for i, tid in enumerate(self.special_ids.values())}
 
     # ---------------------------------------------------------------- Backend protocol extras
     def fingerprint(self, roles: Sequence[str] = ("compressor",)) -> str:
@@ -149,25 +153,33 @@ class ExportedBackend:
                 "compression_rate": self.config.compression_rate, "n_mem": self.config.n_mem}
 
     # ---------------------------------------------------------------- embeddings
-    def _load_embeddings(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def _load_embeddings(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         try:
             table = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
             scales = (np.load(self.path / EMBEDDING_SCALES_FILE, mmap_mode="r")
                       if (self.path / EMBEDDING_SCALES_FILE).is_file() else None)
+            special = np.load(self.path / SPECIAL_EMBEDDINGS_FILE).astype(np.float32)
         except (OSError, ValueError) as e:
             raise ClaraError(f"corrupted embedding table in {self.path}: {str(e).splitlines()[0][:160]}") from None
-        rows = self.base_vocab + len(self.special_ids)
-        if table.ndim != 2 or table.shape != (rows, self.hidden_size) or (scales is not None and scales.shape != (rows,)):
-            raise ClaraError(f"embedding table in {self.path} has shape {table.shape}, expected {(rows, self.hidden_size)}")
-        return table, scales
+        blocks_ok = scales is None or (scales.ndim == 2 and scales.shape[0] == self.base_vocab
+                                       and self.hidden_size % scales.shape[1] == 0)
+        if table.shape != (self.base_vocab, self.hidden_size) or not blocks_ok \
+                or special.shape != (len(self.special_ids), self.hidden_size):
+            raise ClaraError(f"embedding tables in {self.path} have shapes {table.shape} / {special.shape}, "
+                             f"expected {(self.base_vocab, self.hidden_size)} / {(len(self.special_ids), self.hidden_size)}")
+        return table, scales, special
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> fp32 embeddings [B, T, H]; added tokens read their own rows (as ClaraModel.embed)."""
         flat = ids.reshape(-1).tolist()
-        rows = np.array([self._row_of.get(t, t if t < self.base_vocab else 0) for t in flat], dtype=np.int64)
+        special = np.array([self._special_row.get(t, -1) for t in flat], dtype=np.int64)
+        rows = np.array([t if t < self.base_vocab else 0 for t in flat], dtype=np.int64)
         vecs = np.asarray(self._table[rows], dtype=np.float32)
-        if self._scales is not None:
-            vecs *= np.asarray(self._scales[rows], dtype=np.float32)[:, None]
+        if self._scales is not None:  # int8 with one scale per block of each row
+            scales = np.asarray(self._scales[rows], dtype=np.float32)
+            vecs = (vecs.reshape(len(rows), scales.shape[1], -1) * scales[:, :, None]).reshape(len(rows), -1)
+        hit = special >= 0
+        vecs[hit] = self._special_table[special[hit]]
         return torch.from_numpy(vecs).reshape(*ids.shape, self.hidden_size)
 
     # ---------------------------------------------------------------- encoders

@@ -25,11 +25,20 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
     """Export `model` (a torch ClaraModel) to `out_dir` as `fmt` (onnx | coreml) with `quant` weights.
 
     `source` is how the model was named (checkpoint dir, base model; None for the default): it is recorded so
-    `check_export` can rebuild the fp32 reference. Options: onnx `lora="shared"|"merged"`; coreml
-    `max_context=1024`, `palettize=False`. Returns the export directory (itself a model for --model).
+    `check_export` can rebuild the fp32 reference. Options: onnx `lora="shared"|"merged"`, `accuracy_level`
+    (MatMulNBits, default 4); coreml `max_context=1024`, `palettize=False`. An fp32 ONNX export as `model`
+    with fmt onnx is requantised without the torch model or a new trace. Returns the export directory
+    (itself a model wherever --model is accepted).
     """
+    from clara_edge.onnx_backend import OnnxBackend
+
+    if isinstance(model, OnnxBackend) and fmt == "onnx":
+        from .onnx_export import requantize_export
+
+        return requantize_export(model.path, out_dir, quant, options.get("accuracy_level"))
     if not isinstance(model, ClaraModel):
-        raise ClaraError("export needs a torch model (a checkpoint, base model or the default), not an export")
+        raise ClaraError("export needs a torch model (a checkpoint, base model or the default) or, for --format "
+                         "onnx, an fp32 ONNX export to requantise")
     if fmt == "onnx":
         from .onnx_export import export_onnx
 

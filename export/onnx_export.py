@@ -14,8 +14,9 @@ LoRA (`lora=`):
              base in weights.bin (~ base + 3 small adapters)
     merged   each role's adapter is merged into a private copy of the base (peft merge): three full copies
              of the transformer on disk, one MatMul per linear at run time
-Graph inputs are embeddings, not ids: the runtime reads the one embedding table (embeddings.npy), which it
-needs anyway to splice memory slots into the generator's input, so the table is stored once.
+Graph inputs are embeddings, not ids: the runtime reads the one embedding table (embeddings.npy, plus the
+added tokens' fp32 rows in special_embeddings.npy), which it needs anyway to splice memory slots into the
+generator's input, so the table is stored once.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from torch import nn
 from clara_edge.backend import EXPORT_MANIFEST
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
-from clara_edge.onnx_backend import (EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION, TOKENIZER_DIR)
+from clara_edge.onnx_backend import (EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION,
+                                     SPECIAL_EMBEDDINGS_FILE, TOKENIZER_DIR)
 from clara_edge.prompt import special_tokens
 
 from .quantize import ACCURACY_LEVEL, QUANTS, embedding_table, quantize_graph
@@ -257,13 +259,6 @@ def save_graphs(protos: dict, out_dir: Path, data_name: str = WEIGHTS_FILE) -> d
     return {"unique_bytes": unique, "referenced_bytes": referenced}
 
 
-def _embedding_rows(model: ClaraModel) -> np.ndarray:
-    """The runtime's lookup table: base rows, then the added tokens' rows in special-token order."""
-    base = model.input_embeddings.weight.detach().to("cpu", torch.float32)
-    special = model.special_embeddings.detach().to("cpu", torch.float32)
-    return torch.cat([base, special]).numpy()
-
-
 def _versions() -> dict:
     import onnx
     import onnxruntime
@@ -297,9 +292,10 @@ def write_table(out: Path, table: np.ndarray, quant: str) -> None:
 
 
 def write_common(model: ClaraModel, out: Path, quant: str) -> None:
-    """Tokenizer and embedding table, the same for every format."""
+    """Tokenizer, base embedding table (as `quant` stores it) and the added tokens' rows (fp32), for every format."""
     model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    write_table(out, _embedding_rows(model), quant)
+    write_table(out, model.input_embeddings.weight.detach().to("cpu", torch.float32).numpy(), quant)
+    np.save(out / SPECIAL_EMBEDDINGS_FILE, model.special_embeddings.detach().to("cpu", torch.float32).numpy())
 
 
 def finish_export(out: Path, final: str | Path, manifest: dict) -> Path:
@@ -382,6 +378,7 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
 
     def write_rest(tmp: Path) -> None:
         shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        shutil.copy2(src / SPECIAL_EMBEDDINGS_FILE, tmp / SPECIAL_EMBEDDINGS_FILE)
         write_table(tmp, np.load(src / EMBEDDINGS_FILE), quant)
 
     return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest)

@@ -11,7 +11,7 @@
                      memories (each backend compresses them itself); delta = export - torch
     size_mb, peak_rss_mb, tokens_per_s, prefill_s   the export on disk; a fresh process's peak RSS and batch-1
                      decode speed on one CPU thread (64 forced tokens after a warm-up)
-    targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8), <= 1.5 (int4)
+    targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8); |f1_delta| <= 1.5 (int4)
 `check_memory_quant` applies the same gate to a memory store's int8 (or int4) vectors against fp16 ones.
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ QUESTIONS: list[tuple[str, list[str]]] = [
      ["The Mona Lisa is a half-length portrait painted by Leonardo da Vinci.",
       "It hangs in the Louvre in Paris."]),
 ]
-TARGETS = {"fp32": (0.95, 0.5), "fp16": (0.95, 0.5), "int8": (0.95, 0.5), "int4": (0.95, 1.5)}
+# quant -> (min token agreement, max |f1_delta|); the issue sets no agreement target for int4
+TARGETS = {"fp32": (0.95, 0.5), "fp16": (0.95, 0.5), "int8": (0.95, 0.5), "int4": (None, 1.5)}
 PROBE_TOKENS = 64
 
 
@@ -187,12 +188,13 @@ def f1_parity(backend, ref, dev_file: str | Path, n_dev: int = 100, batch_size: 
 
 
 def _gate(result: dict, quant: str) -> dict:
+    """Add the targets and `passed` (None when nothing the targets name was measured)."""
     agree, f1_tol = TARGETS.get(quant, TARGETS["int4"])
     result["targets"] = {"token_agreement": agree, "abs_f1_delta": f1_tol}
-    ok = result["token_agreement"] >= agree
+    checks = [result["token_agreement"] >= agree] if agree is not None else []
     if result.get("f1_delta") is not None:
-        ok = ok and abs(result["f1_delta"]) <= f1_tol
-    result["passed"] = bool(ok)
+        checks.append(abs(result["f1_delta"]) <= f1_tol)
+    result["passed"] = bool(all(checks)) if checks else None
     return result
 
 

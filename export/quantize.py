@@ -6,8 +6,9 @@
     int4  transformer linears -> MatMulNBits 4 bit (block 32, accuracy_level 4); lm_head and the LoRA
           matrices 8 bit (lm_head is the most sensitive layer; LoRA B's K = r is below one block)
 
-Blocks run along K (the input dimension), asymmetric with a zero point per block. The embedding table is
-int8 with one fp32 scale per row for int8 / int4 exports, fp16 for fp16, fp32 for fp32.
+Blocks run along K (the input dimension), asymmetric with a zero point per block, plus an exact per-block
+offset correction (`correct_block_offsets`). The embedding table is int8 with an fp16 scale per 32 values for
+int8 / int4 exports, fp16 for fp16, fp32 for fp32.
 """
 from __future__ import annotations
 
@@ -142,23 +143,27 @@ def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora
                  if t.name in weights}
     if quant == "int8":
         model = _nbits(model, 8, set(), accuracy_level)
-    else:
+    else:  # lm_head and LoRA at 8 bit take the int8-activation path: 8-bit fp32-compute kernels are slow
         eight = {n for n, k in kinds.items() if k != "linear"}
-        model = _nbits(model, 8, set(kinds) - eight, accuracy_level)
+        model = _nbits(model, 8, set(kinds) - eight, ACCURACY_LEVEL)
         model = _nbits(model, 4, eight, accuracy_level)
     return correct_block_offsets(model, originals)
 
 
-def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, H] float -> (int8 [N, H], fp32 scales [N]) with one symmetric scale per row."""
+def quantize_blocks_int8(table: np.ndarray, block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """[N, H] float -> (int8 [N, H], fp16 scales [N, H / block]): symmetric, one scale per `block` values of a
+    row (one per row when H is not a multiple). Exact for tables that were gguf Q8_0, like the default's."""
     table = np.asarray(table, dtype=np.float32)
-    scales = np.abs(table).max(axis=1) / 127.0
-    q = np.round(table / np.maximum(scales, 1e-30)[:, None]).clip(-127, 127).astype(np.int8)
-    return q, scales.astype(np.float32)
+    n, h = table.shape
+    block = block if h % block == 0 else h
+    blocks = table.reshape(n, h // block, block)
+    scales = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float16)
+    q = np.round(blocks / np.maximum(scales.astype(np.float32), 1e-30)[..., None]).clip(-127, 127)
+    return q.astype(np.int8).reshape(n, h), scales
 
 
 def embedding_table(table: np.ndarray, quant: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The embedding table as stored for `quant`: (values, per-row scales or None)."""
+    """The embedding table as stored for `quant`: (values, per-block scales or None)."""
     if quant in ("int8", "int4"):
-        return quantize_rows_int8(table)
+        return quantize_blocks_int8(table)
     return np.asarray(table, dtype=np.float16 if quant == "fp16" else np.float32), None

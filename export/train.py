@@ -54,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_KINDS = ("scp", "instruct", "e2e", "text")
 _QA_DATA = {"k": 5, "targets": "gold", "questions_per_passage": 2, "multihop_repeat": 4, "max_target_tokens": 64}
 STAGE_DEFAULTS: dict[str, dict] = {
-    "common": {"epochs": 1, "max_steps": None, "batch_size": 32, "micro_batch": 4, "lr": 1e-4,
+    "common": {"epochs": 1, "max_steps": None, "max_samples": None, "batch_size": 32, "micro_batch": 4, "lr": 1e-4,
                "schedule": "cosine", "min_lr_ratio": 0.1, "warmup_ratio": 0.03, "weight_decay": 0.0,
                "betas": [0.9, 0.95], "grad_clip": 1.0, "special_embeddings": False, "reset": [],
                "mse_weight": 0.0, "kl_weight": 0.0, "kl_temperature": 1.0},
@@ -310,9 +310,11 @@ class Run:
         if kind == "scp":
             tok, limit = model.tokenizer, model.config.doc_max_length
             cut = lambda t: tok.decode(tok(t, add_special_tokens=False)["input_ids"][:limit])  # noqa: E731
-            return data.scp_samples(src, self.seed, stage["tasks"], truncate=cut)
+            return data.subset(data.scp_samples(src, self.seed, stage["tasks"], truncate=cut),
+                               stage["max_samples"], self.seed)
         samples = data.qa_samples(src, self.seed, stage["k"], stage.get("candidates") if kind == "e2e" else None,
                                   stage["questions_per_passage"], stage["multihop_repeat"])
+        samples = data.subset(samples, stage["max_samples"], self.seed)
         teacher = self.teacher_answers(model, samples) if stage["targets"] != "gold" else {}
         return data.with_targets(samples, stage["targets"], teacher)
 

@@ -148,23 +148,22 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
     """Question + documents -> gold answers (targets are set later by `with_targets`).
 
     candidates=None (stages 2 and text): each sample reads k documents, gold ones first choice, shuffled.
-    candidates=N (stage 3): a multi-hop row offers all its documents; a pretraining question its passage
-    among N-1 other pretraining passages; the model picks k of them.
+    candidates=N (stage 3): a multi-hop row offers its gold documents and distractors up to N; a pretraining
+    question its passage among N-1 other pretraining passages; the model picks k of them.
     """
     out = []
+    n_docs = k if candidates is None else candidates
     for i, row in enumerate(sources.multihop):
         docs = list(row.docs)
         rng = _rng(seed, "multihop", i)
-        if candidates is None:
-            gold = [docs[j] for j in row.pos_index]
-            rest = [d for d in docs if d not in gold]
-            rng.shuffle(rest)
-            docs = (gold + rest)[:max(k, len(gold))]
-            rng.shuffle(docs)
+        gold = [docs[j] for j in row.pos_index]
+        rest = [d for d in docs if d not in gold]
+        rng.shuffle(rest)
+        docs = (gold + rest)[:max(n_docs, len(gold))]
+        rng.shuffle(docs)
         sample = Sample("answer", row.question, tuple(docs), answers=row.answers)
         out.extend([sample] * multihop_repeat)
     pool = [("", r["docs"][0]) for r in sources.pretrain]
-    n_docs = k if candidates is None else candidates
     for i, rec in enumerate(sources.pretrain):
         rng = _rng(seed, "pretrain", i)
         pairs = list(zip(rec.get("question", []), rec.get("answers", [])))
@@ -175,6 +174,14 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
             rng.shuffle(docs)
             out.append(Sample("answer", q, tuple(docs), answers=(a,)))
     return out
+
+
+def subset(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    """A seeded random subset of n samples, in their original order (all of them when n is None or larger)."""
+    if n is None or n >= len(samples):
+        return samples
+    keep = sorted(_rng(seed, "subset").sample(range(len(samples)), n))
+    return [samples[i] for i in keep]
 
 
 def with_targets(samples: Sequence[Sample], mode: str, teacher: dict[str, str] | None = None) -> list[Sample]:

@@ -183,6 +183,62 @@ def test_int4_uses_matmulnbits_with_8bit_head_and_lora():
     assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
 
 
+def _matmul_model(weight: np.ndarray):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_block_offsets_make_gguf_grids_exact(quant):
+    """A weight already block-quantised with a float offset (gguf Q4_1, like the built-in base) comes back
+    exactly once each block's offset is corrected; integer zero points alone leave a bias per block."""
+    import onnxruntime as ort
+
+    from clara_edge.export.quantize import _nbits, quantize_graph
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    d = rng.uniform(0.01, 0.03, (k // 32, 1, n))
+    m = -d * rng.uniform(2, 13, (k // 32, 1, n))  # blocks straddle zero, as trained weights' blocks do
+    q = rng.integers(0, 16, (k // 32, 32, n))
+    q[:, 0], q[:, 1] = 0, 15  # every block spans its 16 levels, as Q4_1 blocks usually do
+    weight = (m + q * d).reshape(k, n).astype(np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    ref = x @ weight
+    corrected = quantize_graph(_matmul_model(weight), quant, accuracy_level=1)
+    plain = _nbits(_matmul_model(weight), 4 if quant == "int4" else 8, set(), 1)  # integer zero points only
+    outs = {name: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for name, m in (("corrected", corrected), ("plain", plain))}
+    assert np.abs(outs["corrected"] - ref).max() < 1e-3 * np.abs(ref).max()
+    assert np.abs(outs["plain"] - ref).max() > 10 * np.abs(outs["corrected"] - ref).max()
+
+
+def test_requantise_an_fp32_export(tmp_path):
+    import onnx
+
+    from clara_edge.export.api import export_model
+
+    model, path = tiny_onnx_export("fp32")
+    out = export_model(OnnxBackend(path), "onnx", "int4", tmp_path / "int4")
+    m = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert m["quant"] == "int4" and m["fingerprint"] == model.fingerprint() and m["requantized_from"] == str(path)
+    graph = onnx.load(str(out / "generator.onnx"), load_external_data=False).graph  # no exporter metadata left:
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits == {4, 8}  # LoRA and lm_head found by shape
+    backend = OnnxBackend(out)
+    assert float(torch.nn.functional.cosine_similarity(model.compress(DOCS).flatten(1), backend.compress(DOCS).flatten(1)).min()) > 0.98
+    with pytest.raises(ClaraError, match="quantise from an fp32 export"):
+        export_model(backend, "onnx", "int8", tmp_path / "again")
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_missing_directory(tmp_path):
     with pytest.raises(ClaraError, match="not found"):

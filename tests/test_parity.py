@@ -60,9 +60,9 @@ def test_int4_export_is_measured_against_its_own_targets():
     model, path = tiny_onnx_export("int4")
     result = check_export(path, reference_model=model, questions=FIXED, probe=False, max_new_tokens=10)
     assert 0.0 <= result["token_agreement"] <= 1.0
-    assert result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 1.5}
+    assert result["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5}
     assert result["graphs"]["generator"]["max_abs"] > 0  # quantised: not bit-exact
-    assert result["f1_delta"] is None and result["passed"] == (result["token_agreement"] >= 0.95)
+    assert result["f1_delta"] is None and result["passed"] is None  # int4's one target is the F1 delta
 
 
 def test_reference_must_be_the_source_model():
@@ -83,7 +83,7 @@ def test_export_model_dispatch(tmp_path):
         export_model(model, "tflite", "fp32", tmp_path / "x")
     with pytest.raises(ClaraError, match="unknown quantisation"):
         export_model(model, "onnx", "int3", tmp_path / "x")
-    with pytest.raises(ClaraError, match="torch model"):
+    with pytest.raises(ClaraError, match="needs a torch model"):
         export_model(object(), "onnx", "fp32", tmp_path / "x")
 
 

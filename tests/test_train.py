@@ -164,6 +164,12 @@ def test_samples_are_deterministic_and_refuse_eval(env, tmp_path):
     assert all(len(s.docs) == 3 for s in picked)
     gold = [s for s in picked if s.prompt == FACTS[0][2] and s.docs[0][0]]  # multi-hop rows (titled docs)
     assert len(gold) == 2 and all((FACTS[0][0], FACTS[0][1]) in s.docs for s in gold)
+    offered = data.qa_samples(sources, seed=0, k=1, candidates=2)
+    gold_rows = [s for s in offered if s.prompt == FACTS[0][2] and s.docs[0][0]]
+    assert all(len(s.docs) == 2 and (FACTS[0][0], FACTS[0][1]) in s.docs for s in gold_rows)
+    some = data.subset(scp, 3, seed=0)
+    assert len(some) == 3 and some == data.subset(scp, 3, seed=0) and some == [s for s in scp if s in some]
+    assert data.subset(scp, None, seed=0) == scp and data.subset(scp, 3, seed=1) != some
     both = data.with_targets(picked, "both", {picked[0].key(): "teacher says"})
     assert [s.target for s in both[:2]] == [picked[0].answers[0], "teacher says"]
     (tmp_path / "eval").mkdir()
