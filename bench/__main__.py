@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", action="append", default=None,
                    help="torch, onnx-fp32, onnx-int8, onnx-int4, onnx (all three), coreml, cuda, cuda-triton")
     p.add_argument("--out", default="bench-out", help="output directory")
+    p.add_argument("--rows", type=int, default=None, help="accuracy: first N questions of each dev set")
+    p.add_argument("--only", choices=("accuracy", "latency"), action="append", default=None,
+                   help="run only this part (repeatable)")
     p.add_argument("--model", default=None)
     p.add_argument("--base", default=None)
     p.add_argument("--device", default="auto")

@@ -92,9 +92,14 @@ def rss_per_backend(workers: Sequence[dict], path: Path) -> None:
 
 
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
-    """All three plots into `out_dir`; returns their paths."""
+    """The plots the report has data for (accuracy: F1 vs context; latency: TTFT vs k, RSS per backend)."""
     out_dir = Path(out_dir)
-    f1_vs_context(report.get("accuracy", []), out_dir / PLOTS[0])
-    ttft_vs_k(report.get("latency", []), report.get("anchor", []), out_dir / PLOTS[1])
-    rss_per_backend(report.get("latency_workers", []), out_dir / PLOTS[2])
-    return [out_dir / p for p in PLOTS]
+    written = []
+    if report.get("accuracy"):
+        f1_vs_context(report["accuracy"], out_dir / PLOTS[0])
+        written.append(out_dir / PLOTS[0])
+    if report.get("latency"):
+        ttft_vs_k(report["latency"], report.get("anchor", []), out_dir / PLOTS[1])
+        rss_per_backend(report.get("latency_workers", []), out_dir / PLOTS[2])
+        written += [out_dir / PLOTS[1], out_dir / PLOTS[2]]
+    return written

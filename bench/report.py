@@ -1,6 +1,6 @@
 """`clara-edge bench`: accuracy, latency / memory and the llama.cpp anchor in one report (issue #7).
 
-    clara-edge bench [--quick] [--backend B ...] [--out DIR] [--model M]
+    clara-edge bench [--quick] [--backend B ...] [--out DIR] [--model M] [--rows N] [--only accuracy|latency]
     python -m clara_edge.bench [--quick] [--backend B ...] [--out DIR] [--data-dir D] [--threads N]
 
 writes DIR/report.json, DIR/report.md (also printed) and DIR/{f1_vs_context,ttft_vs_k,rss_per_backend}.png.
@@ -42,11 +42,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from clara_edge.errors import ClaraError
+
 from .accuracy import QUICK_ROWS, dataset_files, run_accuracy
 from .anchor import NOT_INSTALLED, run_anchor_subprocess
 from .latency import (KS, POOL, eval_dir, expand_backends, fmt_pm, latency_source, load_documents, make_exports,
                       run_latency)
 from .plots import write_plots
+
+PARTS = ("accuracy", "latency")
 
 QUICK_LATENCY_REPS, FULL_LATENCY_REPS = 2, 5
 ANCHOR_KS = (5, 20, 100)
@@ -215,30 +219,34 @@ def render_markdown(report: dict) -> str:
         f"Model: {report['model']} (base {s['base_model']}, rates {s['compression_rates']}); "
         f"adapters {TRAINED[s['trained']]}",
         "",
-        f"## Accuracy ({s['accuracy_rows']} rows per set, answers up to {s['accuracy_max_new_tokens']} tokens)",
-        "",
-        accuracy_table(report["accuracy"]) if report["accuracy"] else f"No dev sets found in {s['data_dir']}.",
-        "",
-        f"## Latency and memory (mean ± std over {s['latency_reps']} questions after 1 warm-up; "
-        f"answers up to {s['latency_max_new_tokens']} tokens)",
-        "",
-        "TTFT is generator level (prefill + first token); end-to-end adds query encoding and retrieval over "
-        f"{s['latency_pool']} documents and the whole answer. KV = 2 x layers x kv_heads x head_dim x prompt "
-        "positions x bytes. Peak RSS is the whole worker process (load, compression, every k).",
-        "",
-        latency_table(report["latency"]),
-        "",
-        ("Where each method stops fitting the model's window: " + "; ".join(stops) + ".") if stops else "",
-        "",
-        "## llama.cpp anchor (text RAG, same gguf, same machine and run)",
-        "",
-        anchor_table(report["anchor"]),
-        "",
-        "## Targets (same machine, same run)",
-        "",
-        targets_table(report["targets"]),
-        "",
     ]
+    parts = s.get("parts", PARTS)
+    if "accuracy" in parts:
+        lines += [
+            f"## Accuracy ({s['accuracy_rows']} rows per set, answers up to {s['accuracy_max_new_tokens']} tokens)",
+            "",
+            accuracy_table(report["accuracy"]) if report["accuracy"] else f"No dev sets found in {s['data_dir']}.",
+            "",
+        ]
+    if "latency" in parts:
+        lines += [
+            f"## Latency and memory (mean ± std over {s['latency_reps']} questions after 1 warm-up; "
+            f"answers up to {s['latency_max_new_tokens']} tokens)",
+            "",
+            "TTFT is generator level (prefill + first token); end-to-end adds query encoding and retrieval over "
+            f"{s['latency_pool']} documents and the whole answer. KV = 2 x layers x kv_heads x head_dim x prompt "
+            "positions x bytes. Peak RSS is the whole worker process (load, compression, every k).",
+            "",
+            latency_table(report["latency"]),
+            "",
+            ("Where each method stops fitting the model's window: " + "; ".join(stops) + ".") if stops else "",
+            "",
+            "## llama.cpp anchor (text RAG, same gguf, same machine and run)",
+            "",
+            anchor_table(report["anchor"]),
+            "",
+        ]
+        lines += ["## Targets (same machine, same run)", "", targets_table(report["targets"]), ""]
     return "\n".join(lines)
 
 
@@ -286,14 +294,20 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
               data_dir: Path | None = None, compression_rates=(16, 64), *, base: str | None = None,
               device: str | None = None, dtype: str | None = None, threads: int | None = None,
               command: str | None = None, accuracy_limit: int | None = None, latency_reps: int | None = None,
-              ks: Sequence[int] = KS, log: Callable[[str], None] = print) -> dict:
-    """Run the benchmark, write report.json / report.md / plots into `out_dir`, return the report dict."""
+              ks: Sequence[int] = KS, parts: Sequence[str] = PARTS, log: Callable[[str], None] = print) -> dict:
+    """Run the benchmark, write report.json / report.md / plots into `out_dir`, return the report dict.
+    `parts`: "accuracy" and/or "latency" (latency includes the exports it times and the llama.cpp anchor)."""
     import torch
 
     from clara_edge.backend import export_manifest, open_backend
     from clara_edge.model import ClaraModel
 
     started = time.perf_counter()
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ClaraError(f"unknown bench parts {sorted(unknown)}; parts: {', '.join(PARTS)}")
+    if accuracy_limit is not None and accuracy_limit < 1:
+        raise ClaraError(f"--rows must be at least 1, not {accuracy_limit}")
     explicit = bool(backends)
     backends = expand_backends(backends, quick)  # a bad name fails before anything is loaded or written
     out_dir = Path(out_dir).expanduser()
@@ -331,36 +345,40 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
         "accuracy_rows": accuracy_limit or (QUICK_ROWS if quick else "all"),
         "accuracy_max_new_tokens": acc_tokens, "data_dir": str(folder),
     }
-    t0 = time.perf_counter()
-    if not manifest:
-        exports = (make_exports(primary, backends, log, export=explicit or not quick)
-                   if isinstance(primary, ClaraModel) else {})
-    setup_s = time.perf_counter() - t0
-    report["exports"] = {name: str(value) for name, value in exports.items()}
-    log("latency (one process per backend and method)")
-    latency, workers = run_latency(None if manifest else model, backends, exports, quick=quick,
-                                   data_dir=data_dir, compression=rates[0], base=base, device=device,
-                                   dtype=dtype, threads=threads, ks=ks, reps=reps, max_new_tokens=lat_tokens,
-                                   log=log)
-    for row in latency:
-        row["prefill_tokens_per_s"] = (row["positions"] / row["ttft_s"]
-                                       if row.get("ttft_s") and row.get("positions") else None)
-    report["latency"], report["latency_workers"] = latency, workers
-    report["anchor"] = _anchor_rows(primary, lat_tokens, reps, threads, data_dir, log)
+    report["settings"]["parts"] = list(parts)
+    report["latency"], report["latency_workers"], report["anchor"], report["exports"] = [], [], [], {}
+    setup_s = 0.0
+    if "latency" in parts:
+        t0 = time.perf_counter()
+        if not manifest:
+            exports = (make_exports(primary, backends, log, export=explicit or not quick)
+                       if isinstance(primary, ClaraModel) else {})
+        setup_s = time.perf_counter() - t0
+        report["exports"] = {name: str(value) for name, value in exports.items()}
+        log("latency (one process per backend and method)")
+        latency, workers = run_latency(None if manifest else model, backends, exports, quick=quick,
+                                       data_dir=data_dir, compression=rates[0], base=base, device=device,
+                                       dtype=dtype, threads=threads, ks=ks, reps=reps, max_new_tokens=lat_tokens,
+                                       log=log)
+        for row in latency:
+            row["prefill_tokens_per_s"] = (row["positions"] / row["ttft_s"]
+                                           if row.get("ttft_s") and row.get("positions") else None)
+        report["latency"], report["latency_workers"] = latency, workers
+        report["anchor"] = _anchor_rows(primary, lat_tokens, reps, threads, data_dir, log)
     del primary
     gc.collect()
-    log("accuracy")
-    report["accuracy"] = (run_accuracy(load, folder, rates, quick=quick, limit=accuracy_limit,
-                                       max_new_tokens=acc_tokens, log=log)
-                          if folder is not None and folder.is_dir() else [])
-    report["targets"] = targets(latency, report["anchor"], rates[0])
+    report["accuracy"] = []
+    if "accuracy" in parts and folder is not None and folder.is_dir():
+        log("accuracy")
+        report["accuracy"] = run_accuracy(load, folder, rates, quick=quick, limit=accuracy_limit,
+                                          max_new_tokens=acc_tokens, log=log)
+    report["targets"] = targets(report["latency"], report["anchor"], rates[0])
     report["machine"]["load_average_end"] = ([round(x, 2) for x in os.getloadavg()]
                                              if hasattr(os, "getloadavg") else None)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     if quick:
         report["estimated_full_wall_s"] = _estimate_full(report, folder, setup_s)
-    write_plots(report, out_dir)
-    report["files"] = ["report.json", "report.md", "f1_vs_context.png", "ttft_vs_k.png", "rss_per_backend.png"]
+    report["files"] = ["report.json", "report.md", *[p.name for p in write_plots(report, out_dir)]]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
@@ -379,6 +397,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     data_dir = getattr(args, "data_dir", None)
     report = run_bench(args.model, args.backend, Path(args.out), args.quick,
                        data_dir=Path(data_dir) if data_dir else None, base=args.base, device=device, dtype=dtype,
+                       accuracy_limit=getattr(args, "rows", None), parts=getattr(args, "only", None) or PARTS,
                        threads=getattr(args, "threads", None), log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'}, report.md and plots ({report['wall_s']:.0f} s)")

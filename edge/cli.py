@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="subsets and fewer repetitions (< 10 min on a laptop CPU)")
     p.add_argument("--backend", action="append", default=None, help="backends to time (repeatable)")
     p.add_argument("--out", default="bench-out", help="output directory")
+    p.add_argument("--rows", type=int, default=None,
+                   help="accuracy: first N questions of each dev set (default: all; --quick: 2)")
+    p.add_argument("--only", choices=("accuracy", "latency"), action="append", default=None,
+                   help="run only this part (repeatable; latency includes the exports it times and llama.cpp)")
     _model_options(p, compression=False)
 
     p = add("info", cmd_info, "describe a memory store (--store) or a model (--model)")

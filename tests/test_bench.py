@@ -81,6 +81,21 @@ def test_bench_quick_smoke(tiny_base_dir, tmp_path):
     assert report["targets"][0]["value"] is not None  # TTFT ratio at k=5 measured on torch
 
 
+def test_bench_accuracy_only(tiny_base_dir, tmp_path):
+    out = tmp_path / "out"
+    run_bench(str(tiny_base_dir), None, out, quick=False, data_dir=_write_data(tmp_path / "data"),
+              accuracy_limit=1, parts=["accuracy"], log=lambda msg: None)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["latency"] == [] and saved["anchor"] == [] and saved["settings"]["parts"] == ["accuracy"]
+    assert saved["accuracy"] and all(r["n"] == 1 for r in saved["accuracy"])
+    assert saved["files"] == ["report.json", "report.md", "f1_vs_context.png"]
+    md = (out / "report.md").read_text()
+    assert "## Accuracy (1 rows per set" in md and "## Latency" not in md
+    for bad in ({"parts": ["speed"]}, {"accuracy_limit": 0}):
+        with pytest.raises(ClaraError, match="parts|rows"):
+            run_bench(str(tiny_base_dir), None, tmp_path / "bad", quick=True, **bad)
+
+
 def test_backend_names_and_kv_arithmetic():
     assert expand_backends(["onnx", "torch,onnx-int4"], quick=False) == ["onnx-fp32", "onnx-int8", "onnx-int4", "torch"]
     assert expand_backends(None, quick=True) == ["torch", "onnx-int4"]
