@@ -149,12 +149,15 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
 
     candidates=None (stages 2 and text): each sample reads k documents, gold ones first choice, shuffled.
     candidates=N (stage 3): a multi-hop row offers its gold documents and distractors up to N; a pretraining
-    question its passage among N-1 other pretraining passages; the model picks k of them.
+    question its passage among N-1 other pretraining passages; the model picks k of them (rows with fewer
+    than k documents are left out).
     """
     out = []
     n_docs = k if candidates is None else candidates
     for i, row in enumerate(sources.multihop):
         docs = list(row.docs)
+        if candidates is not None and len(docs) < k:  # nothing to choose: the straight-through top-k needs k
+            continue
         rng = _rng(seed, "multihop", i)
         gold = [docs[j] for j in row.pos_index]
         rest = [d for d in docs if d not in gold]

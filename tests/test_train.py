@@ -167,6 +167,8 @@ def test_samples_are_deterministic_and_refuse_eval(env, tmp_path):
     offered = data.qa_samples(sources, seed=0, k=1, candidates=2)
     gold_rows = [s for s in offered if s.prompt == FACTS[0][2] and s.docs[0][0]]
     assert all(len(s.docs) == 2 and (FACTS[0][0], FACTS[0][1]) in s.docs for s in gold_rows)
+    five = [s for s in data.qa_samples(sources, seed=0, k=5, candidates=5) if s.docs[0][0]]
+    assert len(five) == len(FACTS) and all(len(s.docs) == 5 for s in five)  # the 4-document rows are left out
     some = data.subset(scp, 3, seed=0)
     assert len(some) == 3 and some == data.subset(scp, 3, seed=0) and some == [s for s in scp if s in some]
     assert data.subset(scp, None, seed=0) == scp and data.subset(scp, 3, seed=1) != some
