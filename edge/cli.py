@@ -186,7 +186,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ClaraError("export needs --out DIR (or --check DIR to check an existing export)")
-    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model))
+    named = Path(args.model).expanduser() if args.model else None
+    source = str(named.resolve()) if named is not None and named.exists() else args.model  # valid from any cwd
+    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=source))
     return 0
 
 
