@@ -17,6 +17,13 @@ def default_model():
     return load_model(compression=16, device="cpu")
 
 
+def test_default_is_the_shipped_trained_model(default_model):
+    from clara_edge.checkpoint import default_checkpoint
+    assert (default_checkpoint(16) / "adapters.safetensors").is_file()
+    assert any(bool(p.abs().max() > 0) for n, p in default_model.lm.named_parameters() if "lora_B" in n)
+    assert default_model.config.extra["command"].startswith("clara-edge train --recipe")
+
+
 def test_compress_200_token_passage_at_cr16(default_model):
     tok = default_model.tokenizer
     ids = tok("The Amazon rainforest covers much of the Amazon basin of South America. " * 40,
