@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .bench.options import add_bench_arguments
 from .errors import ClaraError
 from .quiet import quiet_libraries
 
@@ -186,9 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ClaraError("export needs --out DIR (or --check DIR to check an existing export)")
-    named = Path(args.model).expanduser() if args.model else None
-    source = str(named.resolve()) if named is not None and named.exists() else args.model  # valid from any cwd
-    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=source))
+    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model))
     return 0
 
 
@@ -276,13 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
 
     p = add("bench", cmd_bench, "accuracy, latency and memory benchmarks; writes report.json/.md and plots")
-    p.add_argument("--quick", action="store_true", help="subsets and fewer repetitions (< 10 min on a laptop CPU)")
-    p.add_argument("--backend", action="append", default=None, help="backends to time (repeatable)")
-    p.add_argument("--out", default="bench-out", help="output directory")
-    p.add_argument("--rows", type=int, default=None,
-                   help="accuracy: first N questions of each dev set (default: all; --quick: 2)")
-    p.add_argument("--only", choices=("accuracy", "latency"), action="append", default=None,
-                   help="run only this part (repeatable; latency includes the exports it times and llama.cpp)")
+    add_bench_arguments(p)
     _model_options(p, compression=False)
 
     p = add("info", cmd_info, "describe a memory store (--store) or a model (--model)")

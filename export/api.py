@@ -39,6 +39,8 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
     if not isinstance(model, ClaraModel):
         raise ClaraError("export needs a torch model (a checkpoint, base model or the default) or, for --format "
                          "onnx, an fp32 ONNX export to requantise")
+    named = Path(source).expanduser() if source else None
+    source = str(named.resolve()) if named is not None and named.exists() else source  # valid from any cwd
     if fmt == "onnx":
         from .onnx_export import export_onnx
 

@@ -184,7 +184,6 @@ def test_int4_uses_matmulnbits_with_8bit_head_and_lora():
 
 
 def _matmul_model(weight: np.ndarray):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = weight.shape
