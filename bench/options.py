@@ -10,6 +10,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="backends to time (repeatable): torch, onnx-fp32, onnx-int8, onnx-int4, onnx (all three), "
                         "coreml, cuda, cuda-triton")
     p.add_argument("--out", default="bench-out", help="output directory")
+    p.add_argument("--data", dest="data_dir", default=None,
+                   help="folder of dev-set JSONL files, or one holding them in eval/ (default: ../shared/data)")
     p.add_argument("--rows", type=int, default=None,
                    help="accuracy: first N questions of each dev set (default: all; --quick: 2)")
     p.add_argument("--only", choices=("accuracy", "latency"), action="append", default=None,

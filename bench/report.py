@@ -395,6 +395,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     device = None if getattr(args, "device", None) in (None, "auto") else args.device
     dtype = None if getattr(args, "dtype", None) in (None, "auto") else args.dtype
     data_dir = getattr(args, "data_dir", None)
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise ClaraError(f"--data {data_dir}: no such folder")
     report = run_bench(args.model, args.backend, Path(args.out), args.quick,
                        data_dir=Path(data_dir) if data_dir else None, base=args.base, device=device, dtype=dtype,
                        accuracy_limit=getattr(args, "rows", None), parts=getattr(args, "only", None) or PARTS,

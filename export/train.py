@@ -8,6 +8,10 @@
     stage "e2e"       frozen compressor (candidate memories computed once and cached); the query adapter
                       (initialised from the compressor) scores N candidates, straight-through top-k picks k,
                       the generator answers; CE on the answer only.
+    stage "retrieval" not in the paper: only the query adapter, on the gold documents' labels, by InfoNCE over
+                      every memory of the bank (the frozen compressor's, as in stage 3; temperature `tau`). The
+                      generator is not run and not changed, so answers from given documents stay as they were;
+                      it is the cheap lever when stage 3's answer loss has not taught retrieval yet.
     stage "text"      the baseline for `--mode text-tuned`: only the generator adapter, reading the documents
                       as text (same data and targets as "instruct").
 
@@ -22,7 +26,7 @@ exactly. Layout of a run directory:
     teacher/                    cached teacher answers (JSONL, one file per process)
     N-<stage>/state/            resumable state: trained tensors, optimizer, step (removed when the stage ends)
     N-<stage>/model/            the stage's result (fp32 clara-edge checkpoint); the next stage starts from it
-    N-<stage>/bank/             stage 3: the candidates' cached memories
+    bank-<compressor>/          stage 3 / retrieval: the candidates' memories (shared by stages with that compressor)
     N-<stage>/log.jsonl         per-step loss, lr, tokens/s
     final/                      the last stage's model as an fp16 checkpoint (what ships)
 """
@@ -46,12 +50,12 @@ from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraConfig
 
 from . import train_data as data
-from .train_losses import (cosine_scores, kl_to_teacher, left_pad_labels, memory_mse, straight_through_topk,
-                           target_logits)
+from .train_losses import (bank_nce, cosine_scores, kl_to_teacher, left_pad_labels, memory_mse,
+                           straight_through_topk, target_logits)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGE_KINDS = ("scp", "instruct", "e2e", "text")
+STAGE_KINDS = ("scp", "instruct", "e2e", "retrieval", "text")
 _QA_DATA = {"k": 5, "targets": "gold", "questions_per_passage": 2, "multihop_repeat": 4, "max_target_tokens": 64}
 STAGE_DEFAULTS: dict[str, dict] = {
     "common": {"epochs": 1, "max_steps": None, "max_samples": None, "batch_size": 32, "micro_batch": 4, "lr": 1e-4,
@@ -64,8 +68,11 @@ STAGE_DEFAULTS: dict[str, dict] = {
                  "reset": ["generator"], **_QA_DATA},
     "e2e": {"trainable": ["query", "generator"], "init_query_from": "compressor", "candidates": 10,
             "temperature": 0.02, "lr": 5e-6, "schedule": "constant", **_QA_DATA, "questions_per_passage": 1},
+    "retrieval": {"trainable": ["query"], "candidates": 10, "tau": 0.05, **_QA_DATA, "questions_per_passage": 4,
+                  "multihop_repeat": 1},
     "text": {"trainable": ["generator"], **_QA_DATA},
 }
+BANK_STAGES = ("e2e", "retrieval")  # stages that read the frozen compressor's memories of their candidates
 RECIPE_DEFAULTS = {
     "seed": 0, "mixed_precision": "no", "gradient_checkpointing": False, "save_every": 50,
     "model": {"base_model": "smollm2-135m", "compression_rate": 16, "doc_max_length": 256, "lora_r": 8,
@@ -193,6 +200,11 @@ class StageModule(nn.Module):
         zero = torch.zeros((), device=m.device)
         mse, kl, tokens = zero, zero, 0
         memories = None
+        if stage["kind"] == "retrieval":  # the query adapter alone, against the whole bank
+            ids, mask = m.pad_left(batch["query"])
+            nce = bank_nce(m.encode_ids("query", ids, mask), self.bank, batch["gold"], stage["tau"])
+            return {"loss": nce, "ce": zero, "mse": zero, "kl": zero,
+                    "tokens": torch.tensor(float(mask.sum()), device=m.device)}
         if batch["docs"]:  # stages 1-2: compress the documents, with the compressor's side loss
             ids, mask = m.pad_left(batch["docs"])
             hidden = m.hidden_states("compressor", m.embed(ids), mask)
@@ -250,6 +262,7 @@ def collate(items: list[data.Encoded]) -> dict:
     return {"seq": [e.seq for e in items], "n_prompt": [e.n_prompt for e in items],
             "docs": [d for e in items for d in e.docs], "doc_counts": [len(e.docs) for e in items],
             "query": [e.query for e in items if e.query], "cands": [e.cands for e in items if e.query],
+            "gold": [e.gold for e in items if e.query],
             "teacher_seq": [e.teacher_seq for e in items if e.teacher_seq],
             "teacher_n_prompt": [e.teacher_n_prompt for e in items if e.teacher_seq]}
 
@@ -312,7 +325,7 @@ class Run:
             cut = lambda t: tok.decode(tok(t, add_special_tokens=False)["input_ids"][:limit])  # noqa: E731
             return data.subset(data.scp_samples(src, self.seed, stage["tasks"], truncate=cut),
                                stage["max_samples"], self.seed)
-        samples = data.qa_samples(src, self.seed, stage["k"], stage.get("candidates") if kind == "e2e" else None,
+        samples = data.qa_samples(src, self.seed, stage["k"], stage.get("candidates") if kind in BANK_STAGES else None,
                                   stage["questions_per_passage"], stage["multihop_repeat"])
         samples = data.subset(samples, stage["max_samples"], self.seed)
         teacher = self.teacher_answers(model, samples) if stage["targets"] != "gold" else {}
@@ -336,8 +349,8 @@ class Run:
         folder = self.teacher_dir / f"{model.base_fingerprint[:12]}-t{spec['max_new_tokens']}"
         return self.sharded(folder, list(unique), compute, "jsonl")
 
-    def memory_bank(self, model, stage_dir: Path, samples: list[data.Sample]) -> tuple[torch.Tensor, dict]:
-        """Stage 3: every candidate's memory from the frozen compressor, computed once (and kept on disk)."""
+    def memory_bank(self, model, samples: list[data.Sample]) -> tuple[torch.Tensor, dict]:
+        """Every candidate's memory from the frozen compressor, computed once (and kept on disk, per compressor)."""
         passages = list(dict.fromkeys(d for s in samples for d in s.docs))
         keys = [hashlib.sha256(data.document_text(d).encode()).hexdigest()[:24] for d in passages]
         model.eval()
@@ -347,7 +360,7 @@ class Run:
             mem = model.compress([texts[k] for k in todo], batch_size=16)
             return {k: mem[i].float().cpu().contiguous() for i, k in enumerate(todo)}
 
-        have = self.sharded(stage_dir / f"bank-{model.fingerprint()[:12]}", keys, compute, "safetensors")
+        have = self.sharded(self.out / f"bank-{model.fingerprint()[:12]}", keys, compute, "safetensors")
         bank = torch.stack([have[k] for k in keys]).to(model.device)
         return bank, {d: i for i, d in enumerate(passages)}
 
@@ -366,8 +379,8 @@ class Run:
         model = (load_checkpoint(previous, device, "fp32") if previous is not None
                  else build_model(self.model_config(), device, "fp32", seed=self.seed))
         samples = self.samples(stage, model)
-        bank, bank_index = (self.memory_bank(model, stage_dir, samples) if stage["kind"] == "e2e" else (None, None))
-        mode = {"e2e": "select", "text": "text"}.get(stage["kind"], "memory")
+        bank, bank_index = self.memory_bank(model, samples) if stage["kind"] in BANK_STAGES else (None, None)
+        mode = {"e2e": "select", "retrieval": "retrieve", "text": "text"}.get(stage["kind"], "memory")
         encoded = [data.encode(model, s, mode, stage["max_target_tokens"], stage.get("k", 0), bank_index,
                                with_teacher=bool(stage["kl_weight"])) for s in samples]
         self.prepare_adapters(model, index, stage)

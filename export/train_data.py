@@ -51,6 +51,7 @@ class Sample:
     docs: tuple[Doc, ...]          # SCP: one passage; answer: the documents read (or the candidates, stage 3)
     target: str = ""               # filled by `with_targets` for answer samples
     answers: tuple[str, ...] = ()  # gold answers
+    gold: tuple[Doc, ...] = ()     # the documents that hold the answer (the retrieval stage's positives)
 
     def key(self) -> str:
         """Stable id of the input (question + documents), for the teacher-answer cache."""
@@ -164,7 +165,7 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
         rng.shuffle(rest)
         docs = (gold + rest)[:max(n_docs, len(gold))]
         rng.shuffle(docs)
-        sample = Sample("answer", row.question, tuple(docs), answers=row.answers)
+        sample = Sample("answer", row.question, tuple(docs), answers=row.answers, gold=tuple(gold))
         out.extend([sample] * multihop_repeat)
     pool = [("", r["docs"][0]) for r in sources.pretrain]
     for i, rec in enumerate(sources.pretrain):
@@ -175,7 +176,7 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
             others = rng.sample([j for j in range(len(pool)) if j != i], min(n_docs - 1, len(pool) - 1))
             docs = [pool[i]] + [pool[j] for j in others]
             rng.shuffle(docs)
-            out.append(Sample("answer", q, tuple(docs), answers=(a,)))
+            out.append(Sample("answer", q, tuple(docs), answers=(a,), gold=(pool[i],)))
     return out
 
 
@@ -214,6 +215,7 @@ class Encoded:
     docs: list[list[int]] = field(default_factory=list)  # compressor inputs (stages 1-2)
     query: list[int] = field(default_factory=list)       # query-encoder input (stage 3)
     cands: list[int] = field(default_factory=list)       # candidate rows of the memory bank (stage 3)
+    gold: list[int] = field(default_factory=list)        # bank rows of the gold documents (retrieval stage)
     teacher_seq: list[int] = field(default_factory=list)  # text prompt + the same target (KL option)
     teacher_n_prompt: int = 0
 
@@ -231,8 +233,12 @@ def target_ids(model, text: str, max_tokens: int) -> list[int]:
 
 def encode(model, sample: Sample, mode: str, max_target_tokens: int, k: int = 0,
            bank_index: dict[Doc, int] | None = None, with_teacher: bool = False) -> Encoded:
-    """mode: "memory" (compress the sample's documents), "select" (stage 3: pick k of the candidates) or
-    "text" (documents written out, no memory)."""
+    """mode: "memory" (compress the sample's documents), "select" (stage 3: pick k of the candidates),
+    "retrieve" (the query alone, scored against the bank: no generator input) or "text" (documents written
+    out, no memory)."""
+    if mode == "retrieve":
+        return Encoded([], 0, query=model.tokenize_documents([sample.prompt])[0],
+                       cands=[bank_index[d] for d in sample.docs], gold=[bank_index[d] for d in sample.gold])
     target = target_ids(model, sample.target, max_target_tokens)
     if mode == "text":
         prompt = model.text_prompt_ids(sample.prompt, sample.docs)

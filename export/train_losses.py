@@ -5,6 +5,8 @@
     KL (option)      token-level KL(teacher || student) on the target tokens, teacher = base LM on full text
     straight-through top-k   hard top-k forward; backward through a sequential softmax over the candidates not
                      yet chosen, at temperature 0.02 (CLaRa; no Gumbel noise)
+    bank InfoNCE     the retrieval stage: -log of the softmax mass (cosine / tau over every document of the
+                     memory bank) on a question's gold documents
 """
 from __future__ import annotations
 
@@ -72,3 +74,17 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float = 0.0
     chosen_before = (hard.cumsum(1) - hard).bool()
     soft = (scores.unsqueeze(1) / temperature).masked_fill(chosen_before, float("-inf")).softmax(-1)
     return hard + (soft - soft.detach())
+
+
+def bank_nce(query: torch.Tensor, bank: torch.Tensor, gold: Sequence[Sequence[int]], tau: float) -> torch.Tensor:
+    """Query memories [B, M, H] vs the whole bank [N, M, H] (flattened cosine, as retrieval scores them):
+    mean over the batch of logsumexp(all / tau) - logsumexp(gold / tau); several gold rows share the mass."""
+    q = F.normalize(query.flatten(1).float(), dim=-1)
+    d = F.normalize(bank.flatten(1).float(), dim=-1)
+    logits = q @ d.T / tau  # [B, N]
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    for row, rows in enumerate(gold):
+        positive[row, list(rows)] = True
+    if not bool(positive.any(-1).all()):
+        raise ValueError("every question needs at least one gold document in the bank")
+    return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()

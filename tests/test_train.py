@@ -18,7 +18,7 @@ from clara_edge.errors import ClaraError
 from clara_edge.model import ClaraConfig
 from clara_edge.export import train_data as data
 from clara_edge.export.train import STAGE_DEFAULTS, StageModule, collate, load_recipe, train
-from clara_edge.export.train_losses import left_pad_labels, straight_through_topk
+from clara_edge.export.train_losses import bank_nce, left_pad_labels, straight_through_topk
 
 from tiny import tiny_causal_lm, tiny_clara, tiny_tokenizer
 
@@ -30,7 +30,7 @@ FACTS = [("Paris", "The Eiffel Tower is in Paris, the capital of France.", "Wher
          ("Hamlet", "William Shakespeare wrote Hamlet. It is a tragedy.", "Who wrote Hamlet?", "William Shakespeare"),
          ("Art", "The Mona Lisa hangs in the Louvre in Paris.", "Where is the Mona Lisa?", "the Louvre"),
          ("Moon", "The Moon orbits the Earth every 27 days.", "What orbits the Earth?", "the Moon")]
-STAGES = ("1-scp", "2-instruct", "3-e2e")
+STAGES = ("1-scp", "2-instruct", "3-e2e", "4-retrieval")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,6 +125,22 @@ def test_straight_through_topk_gradient_by_hand():
         straight_through_topk(s, k=5)
 
 
+def test_bank_nce_by_hand():
+    """-log of the softmax mass on the gold rows, cosine over flattened memories; the gradient reaches the query."""
+    gen = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(2, 3, 4, generator=gen).requires_grad_(), torch.randn(5, 3, 4, generator=gen)
+    gold, tau = [[1], [0, 4]], 0.1
+    cos = torch.nn.functional.cosine_similarity(query.detach().flatten(1)[:, None], bank.flatten(1)[None], dim=-1)
+    p = (cos / tau).softmax(-1)
+    expected = -(p[0, 1].log() + (p[1, 0] + p[1, 4]).log()) / 2
+    loss = bank_nce(query, bank, gold, tau)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gold"):
+        bank_nce(query, bank, [[1], []], tau)
+
+
 def test_labels_cover_only_the_target():
     labels = left_pad_labels([[5, 6, 7, 8], [9, 10]], [2, 1], "cpu")
     assert labels.tolist() == [[-100, -100, 7, 8], [-100, -100, -100, 10]]
@@ -167,6 +183,7 @@ def test_samples_are_deterministic_and_refuse_eval(env, tmp_path):
     offered = data.qa_samples(sources, seed=0, k=1, candidates=2)
     gold_rows = [s for s in offered if s.prompt == FACTS[0][2] and s.docs[0][0]]
     assert all(len(s.docs) == 2 and (FACTS[0][0], FACTS[0][1]) in s.docs for s in gold_rows)
+    assert all(s.gold and set(s.gold) <= set(s.docs) for s in offered)  # the retrieval stage's positives
     five = [s for s in data.qa_samples(sources, seed=0, k=5, candidates=5) if s.docs[0][0]]
     assert len(five) == len(FACTS) and all(len(s.docs) == 5 for s in five)  # the 4-document rows are left out
     some = data.subset(scp, 3, seed=0)
@@ -233,7 +250,7 @@ def test_trained_parameters_change_and_frozen_ones_do_not(env):
     before["special_embeddings"] = initial.special_embeddings.detach()
     expected = {"1-scp": {"compressor", "generator", "special_embeddings"},
                 "2-instruct": {"compressor", "generator", "special_embeddings"},
-                "3-e2e": {"query", "generator"}}
+                "3-e2e": {"query", "generator"}, "4-retrieval": {"query"}}
     for stage in STAGES:
         after = tensors(out / stage / "model")
         moved = {name.split(".")[0] for name in after if not torch.equal(after[name], before[name])}
@@ -247,7 +264,7 @@ def test_trained_parameters_change_and_frozen_ones_do_not(env):
 
 def test_loss_decreases_in_every_stage(env):
     out = env["root"] / "overfit"
-    lr = {f"stages.{i}.lr": 1e-2 for i in range(3)}
+    lr = {f"stages.{i}.lr": 1e-2 for i in range(len(STAGES))}
     run(env, out, overrides={"max_steps": 10, "model.lora_dropout": 0.0, **lr})
     text = run(env, env["root"] / "overfit-text", recipe="text", overrides={
         "max_steps": 10, "model.doc_max_length": 64, "model.lora_r": 4, "data.limit": 4, "teacher.max_new_tokens": 8,
