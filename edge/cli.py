@@ -181,8 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from clara_edge.export.api import check_export, export_model
-    if args.check:
-        result = check_export(Path(args.check), dev_file=args.data, n_dev=args.limit, json_out=args.json_out)
+    if args.check:  # --model names the fp32 reference when the export's recorded source has changed since
+        from .checkpoint import load_model
+        reference = (load_model(args.model, getattr(args, "compression", None), "cpu", "fp32", args.base)
+                     if args.model else None)
+        result = check_export(Path(args.check), reference, dev_file=args.data, n_dev=args.limit,
+                              json_out=args.json_out)
         print(json.dumps(result, indent=2))
         return 0
     if not args.out:

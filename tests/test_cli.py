@@ -67,3 +67,15 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("clara-edge: error:") and "Traceback" not in proc.stderr
+
+
+def test_export_check_takes_the_reference_from_model(tiny_base_dir, tmp_path, capsys):
+    """`export --check DIR --model M`: M is the fp32 reference (for an export whose recorded source has changed
+    since); a model that is not the export's source is refused in one line."""
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(tiny_base_dir), "--compression", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--check", str(out), "--model", str(tiny_base_dir), "--compression", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_agreement"] == 1.0
+    assert main(["export", "--check", str(out), "--model", str(tiny_base_dir), "--compression", "16"]) == 1
+    assert "fingerprints differ" in _one_line_error(capsys)
