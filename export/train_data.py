@@ -238,7 +238,7 @@ def encode(model, sample: Sample, mode: str, max_target_tokens: int, k: int = 0,
     out, no memory)."""
     if mode == "retrieve":
         return Encoded([], 0, query=model.tokenize_documents([sample.prompt])[0],
-                       cands=[bank_index[d] for d in sample.docs], gold=[bank_index[d] for d in sample.gold])
+                       gold=[bank_index[d] for d in sample.gold])
     target = target_ids(model, sample.target, max_target_tokens)
     if mode == "text":
         prompt = model.text_prompt_ids(sample.prompt, sample.docs)
