@@ -8,7 +8,10 @@ dev-set questions in turn), reported as mean ± std:
   query_encode_s   clara: the query adapter over the question; text: none (BM25 tokenises in retrieval)
   retrieval_s      clara: exact cosine top-k over the pool's flattened memories; text: BM25 top-k over the
                    pool's texts (index built once, outside the timing)
-  ttft_s           generator level: from the generate call to the first answer token (prefill + first pick)
+  ttft_s           generator level: from the generate call to the first answer token (prefill + first pick),
+                   with the runtime's prefix cache: the KV of what the prompt shares with the previous
+                   question's (the chat head, 37 positions for SmolLM2) is reused; reused_positions says how many
+  ttft_cold_s      the same prompt prefilled whole (a fresh KV cache), measured just before
   decode_tokens_per_s   tokens after the first / time after the first (null when one token came out)
   e2e_s            query_encode_s + retrieval_s + the whole generate call (one answer of <= max_new_tokens)
   kv_bytes         2 * layers * kv_heads * head_dim * context positions * bytes per element (the prompt's
@@ -86,6 +89,9 @@ class LatencyRow:
     max_positions: int | None = None
     ttft_s: float | None = None
     ttft_std_s: float | None = None
+    ttft_cold_s: float | None = None
+    ttft_cold_std_s: float | None = None
+    reused_positions: float | None = None
     decode_tokens_per_s: float | None = None
     decode_std: float | None = None
     query_encode_s: float | None = None
@@ -238,6 +244,7 @@ def run_worker(spec: WorkerSpec) -> dict:
 
     from clara_edge.bm25 import BM25Index
     from clara_edge.datasets import document_text
+    from clara_edge.prefix_cache import PrefixCache
     from clara_edge.retrieval import cosine_scores, top_k
     from clara_edge.runtime import peak_rss_mb
 
@@ -256,6 +263,7 @@ def run_worker(spec: WorkerSpec) -> dict:
         unique = list(dict.fromkeys(texts))[: max(1, spec.compress_docs)]
         compress_s, mem = _timed(lambda: backend.compress(unique))
         pool_mem = torch.stack([mem[i % len(unique)] for i in range(len(texts))])
+    prefix_cache = PrefixCache()  # as the runtime keeps one: each question reuses what it shares with the last
     rows = []
     for k in spec.ks:
         row = LatencyRow(label, spec.backend, k, max_positions=max_positions)
@@ -272,24 +280,32 @@ def run_worker(spec: WorkerSpec) -> dict:
                         f"> {max_positions})")
             rows.append(row)
             continue
-        samples: dict[str, list[float]] = {"encode": [], "retrieval": [], "ttft": [], "decode": [], "e2e": [],
-                                           "tokens": []}
+        samples: dict[str, list[float]] = {"encode": [], "retrieval": [], "ttft": [], "cold": [], "reused": [],
+                                           "decode": [], "e2e": [], "tokens": []}
         for rep in range(spec.warmup + spec.reps):
             question = questions[rep % len(questions)]
             if spec.method == "clara":
                 encode_s, query = _timed(lambda: backend.encode_query([question]))
                 retrieval_s, (_, ids) = _timed(lambda: top_k(cosine_scores(query, pool_mem), k))
                 picked = pool_mem[ids[0]]
-                gen_s, gen = _timed(lambda: backend.generate([question], [picked],
-                                                             max_new_tokens=spec.max_new_tokens))
+
+                def answer(tokens: int, cache: PrefixCache | None):
+                    return backend.generate([question], [picked], max_new_tokens=tokens, prefix_cache=cache)
             else:
                 encode_s = 0.0
                 retrieval_s, ids = _timed(lambda: bm25.top_k(question, k))
-                gen_s, gen = _timed(lambda: backend.generate_text_rag([question], [[docs[i] for i in ids]],
-                                                                      max_new_tokens=spec.max_new_tokens))
+                picked_docs = [[docs[i] for i in ids]]
+
+                def answer(tokens: int, cache: PrefixCache | None):
+                    return backend.generate_text_rag([question], picked_docs, max_new_tokens=tokens,
+                                                     prefix_cache=cache)
+            if rep >= spec.warmup:
+                samples["cold"].append(answer(1, None).prefill_s)
+            gen_s, gen = _timed(lambda: answer(spec.max_new_tokens, prefix_cache))
             _sync(backend)
             if rep < spec.warmup:
                 continue
+            samples["reused"].append(gen.reused_positions)
             n = len(gen.token_ids[0])
             samples["encode"].append(encode_s)
             samples["retrieval"].append(retrieval_s)
@@ -301,6 +317,8 @@ def run_worker(spec: WorkerSpec) -> dict:
         row.kv_bytes = kv_bytes(geometry, row.positions)
         row.reps = spec.reps
         row.ttft_s, row.ttft_std_s = mean_std(samples["ttft"])
+        row.ttft_cold_s, row.ttft_cold_std_s = mean_std(samples["cold"])
+        row.reused_positions = mean_std(samples["reused"])[0]
         row.decode_tokens_per_s, row.decode_std = mean_std(samples["decode"])
         row.query_encode_s, row.query_encode_std_s = mean_std(samples["encode"])
         row.retrieval_s, row.retrieval_std_s = mean_std(samples["retrieval"])

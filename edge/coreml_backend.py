@@ -67,6 +67,11 @@ class CoreMLBackend(ExportedBackend):
             raise ClaraError("the Core ML generator decodes one sequence per state (batch 1)")
         return {"state": self.function("generator").make_state(), "length": 0}
 
+    def _crop_state(self, state: dict, n: int) -> dict:
+        """The state's cache tensors stay as they are: the next step writes from position n on and its causal
+        mask, n + T wide, never reads past what it wrote."""
+        return {"state": state["state"], "length": n}
+
     def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, state: dict):
         t = embeds.shape[1]
         total = state["length"] + t

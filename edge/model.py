@@ -22,6 +22,7 @@ from torch import nn
 
 from . import prompt as prompts
 from .errors import ClaraError
+from .prefix_cache import PrefixCache
 
 ROLES = ("compressor", "query", "generator")
 MAX_COMPRESSION = 256
@@ -53,6 +54,17 @@ class ClaraConfig:
         return asdict(self)
 
 
+def _cut_cache(past, n: int) -> tuple[int, object | None]:
+    """A transformers KV cache cut to its first n positions: (n, cache), or (0, None) where it cannot be."""
+    extra = past.get_seq_length() - n
+    try:
+        if extra > 0:
+            past.crop(-extra)  # a negative count removes that many in transformers 4.x and 5.x alike
+    except RuntimeError:  # sliding-window layers past their window keep no history to cut back to
+        return 0, None
+    return n, past
+
+
 @dataclass
 class Generation:
     """What `generate` returns: one text per question, plus the timings the runtime reports."""
@@ -61,6 +73,7 @@ class Generation:
     context_positions: list[int]  # prompt positions per row (memory slots count one each)
     prefill_s: float
     decode_s: float
+    reused_positions: int = 0  # prompt positions whose KV came from a prefix cache (batch 1)
 
     @property
     def new_tokens(self) -> int:
@@ -315,11 +328,12 @@ class ClaraModel(nn.Module):
     @torch.inference_mode()
     def decode(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, role: str | None, max_new_tokens: int = 64,
                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-               on_token: TokenCallback | None = None) -> Generation:
+               on_token: TokenCallback | None = None, prefix_cache: PrefixCache | None = None) -> Generation:
         """Greedy or sampled decoding with a KV cache from left-padded embeddings [B, T, H].
 
         `role=None` runs the bare base LM (the text-RAG baseline and the distillation teacher).
-        Stops per row at an EOS id or after `max_new_tokens`.
+        Stops per row at an EOS id or after `max_new_tokens`. `prefix_cache` (batch 1): reuse the KV of the
+        positions this prompt shares with the previous one, and keep this prompt's KV for the next.
         """
         self._activate(role if role is not None else self._active)
         causal = self.lm.get_base_model()
@@ -331,18 +345,26 @@ class ClaraModel(nn.Module):
         context = mask.sum(-1).tolist()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        reuse, past = 0, None
+        if prefix_cache is not None:
+            if batch != 1:
+                raise ValueError(f"a prefix cache serves one sequence at a time, got a batch of {batch}")
+            reuse, past = prefix_cache.take(role, inputs_embeds[0])
+            if past is not None:
+                reuse, past = _cut_cache(past, reuse)
         start = time.perf_counter()
         with self._adapters_disabled_if(role is None):
-            out = causal(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+            out = causal(inputs_embeds=inputs_embeds[:, reuse:], attention_mask=mask,
+                         position_ids=positions[:, reuse:], past_key_values=past, use_cache=True, logits_to_keep=1)
             prefill_end = None
             for _ in range(max_new_tokens):
                 logits = out.logits[:, -1].float()
                 nxt = self._pick(logits, do_sample, temperature, top_p, gen)
+                picked = nxt.tolist()  # waits for the device, so the first token's time is real on CUDA too
                 if prefill_end is None:
                     prefill_end = time.perf_counter()
                 for row in (~finished).nonzero().squeeze(-1).tolist():
-                    tid = int(nxt[row])
+                    tid = picked[row]
                     if tid in eos_list:
                         continue
                     tokens[row].append(tid)
@@ -356,9 +378,11 @@ class ClaraModel(nn.Module):
                 out = causal(inputs_embeds=self.embed(nxt.unsqueeze(1)), attention_mask=mask,
                              position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
         end = time.perf_counter()
+        if prefix_cache is not None:
+            prefix_cache.keep(role, inputs_embeds[0], out.past_key_values)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end)
+        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)
 
     @contextmanager
     def _adapters_disabled_if(self, disabled: bool):

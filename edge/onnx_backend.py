@@ -33,6 +33,7 @@ import torch
 from .backend import EXPORT_MANIFEST
 from .errors import ClaraError
 from .model import ROLES, ClaraConfig, ClaraModel, Generation, TokenCallback
+from .prefix_cache import PrefixCache
 from .prompt import special_tokens
 
 EXPORT_FORMAT_VERSION = 1
@@ -199,6 +200,10 @@ class ExportedBackend:
         """One forward: -> (last-position logits [B, V] fp32, new state)."""
         raise NotImplementedError
 
+    def _crop_state(self, state, n: int):
+        """A generator state holding only its first n positions, or None where it cannot be cut."""
+        return None
+
     def generate(self, questions: Sequence[str], memories: Sequence[torch.Tensor], max_new_tokens: int = 64,
                  **sampling) -> Generation:
         """Answer each question from its memories [k_i, M, H] (greedy unless do_sample)."""
@@ -215,8 +220,10 @@ class ExportedBackend:
 
     def decode(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, role: str | None = "generator",
                max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int | None = None, on_token: TokenCallback | None = None) -> Generation:
-        """Greedy / sampled decoding from left-padded embeddings [B, T, H] with an explicit KV cache."""
+               seed: int | None = None, on_token: TokenCallback | None = None,
+               prefix_cache: PrefixCache | None = None) -> Generation:
+        """Greedy / sampled decoding from left-padded embeddings [B, T, H] with an explicit KV cache
+        (`prefix_cache`: as `ClaraModel.decode`)."""
         if role != "generator":
             raise ClaraError(f"a {self.fmt} export decodes with the generator adapter only (role {role!r})")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -228,9 +235,17 @@ class ExportedBackend:
         context = mask_np.sum(-1).tolist()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
+        reuse, state = 0, None
+        if prefix_cache is not None:
+            if batch != 1:
+                raise ValueError(f"a prefix cache serves one sequence at a time, got a batch of {batch}")
+            reuse, held = prefix_cache.take(role, inputs_embeds[0])
+            state = self._crop_state(held, reuse) if held is not None else None
+            reuse = reuse if state is not None else 0
         start = time.perf_counter()
         prefill_end = None
-        logits, state = self._generator_step(embeds, mask_np, positions, self._generator_state(batch))
+        logits, state = self._generator_step(embeds[:, reuse:], mask_np, positions[:, reuse:],
+                                             state if state is not None else self._generator_state(batch))
         for _ in range(max_new_tokens):
             nxt = self._pick(torch.from_numpy(logits), do_sample, temperature, top_p, gen).numpy()
             if prefill_end is None:
@@ -250,9 +265,11 @@ class ExportedBackend:
             logits, state = self._generator_step(self.embed(torch.from_numpy(nxt[:, None])).numpy(), mask_np,
                                                  positions, state)
         end = time.perf_counter()
+        if prefix_cache is not None:
+            prefix_cache.keep(role, inputs_embeds[0], state)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end)
+        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)
 
 
 class OnnxBackend(ExportedBackend):
@@ -301,6 +318,9 @@ class OnnxBackend(ExportedBackend):
     def _generator_state(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
         return {f"past_{kind}_{i}": empty for i in range(self.num_layers) for kind in ("key", "value")}
+
+    def _crop_state(self, state: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        return {name: past[:, :, :n] for name, past in state.items()}
 
     def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                         state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .backend import Backend
 from .budget import DEFAULT_CONTEXT, choose_k, make_budget
 from .errors import ClaraError
+from .prefix_cache import PrefixCache
 from .retrieval import search
 from .store import MemoryStore
 
@@ -33,11 +34,13 @@ class Answer:
 
 
 class Runtime:
-    """A backend and a memory store built by the same compressor, answering questions."""
+    """A backend and a memory store built by the same compressor, answering questions one after another
+    (the prompt head every question shares is prefilled once: see `PrefixCache`)."""
 
     def __init__(self, backend: Backend, store: MemoryStore, context: int = DEFAULT_CONTEXT) -> None:
         store.expect(backend.fingerprint(), backend.config.compression_rate)
         self.backend, self.store, self.context = backend, store, context
+        self.prefix_cache = PrefixCache()
 
     @classmethod
     def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT) -> Runtime:
@@ -51,7 +54,8 @@ class Runtime:
 
         stats: query_encode_s, retrieval_s, ttft_s (from the call to the first answer token, so it includes
         encoding, retrieval and the generator's prefill), decode_tokens_per_s (tokens after the first),
-        context_positions, memory_positions, effective_compression (document tokens per memory vector),
+        context_positions, reused_positions (of them, prefilled by an earlier question), memory_positions,
+        effective_compression (document tokens per memory vector),
         peak_rss_mb.
         """
         question = question.strip()
@@ -83,7 +87,7 @@ class Runtime:
                 on_text(piece)
 
         out = self.backend.generate([question], [memories], max_new_tokens=max_new_tokens, on_token=stream,
-                                    **sampling)
+                                    prefix_cache=self.prefix_cache, **sampling)
         end = time.perf_counter()
         if on_text is not None:
             on_text("\n")
@@ -99,6 +103,7 @@ class Runtime:
             "new_tokens": n_tokens,
             "documents": k,
             "context_positions": out.context_positions[0],
+            "reused_positions": out.reused_positions,
             "memory_positions": k * n_mem,
             "effective_compression": doc_tokens / (k * n_mem),
             "peak_rss_mb": peak_rss_mb(),
@@ -115,6 +120,6 @@ def format_answer_footer(answer: Answer) -> str:
     s = answer.stats
     lines.append(f"   encode {s['query_encode_s'] * 1e3:.0f} ms | retrieval {s['retrieval_s'] * 1e3:.1f} ms | "
                  f"TTFT {s['ttft_s']:.2f} s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
-                 f"{s['context_positions']} positions, {s['memory_positions']} of them memory "
+                 f"{s['context_positions']} positions ({s['reused_positions']} reused), {s['memory_positions']} memory "
                  f"({s['effective_compression']:.1f} text tokens per vector) | peak RSS {s['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

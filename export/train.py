@@ -125,6 +125,7 @@ def load_recipe(recipe: str | Path, overrides: dict | None = None) -> dict:
     path = recipe_path(recipe)
     raw = json.loads(path.read_text())
     name = raw.pop("name", path.stem)
+    raw.pop("description", None)  # prose: editing it must not invalidate a run directory or a checkpoint's digest
     parent = raw.pop("extends", None)
     resolved = _merge(load_recipe(parent) if parent else RECIPE_DEFAULTS, raw)
     resolved["name"] = name
@@ -134,7 +135,7 @@ def load_recipe(recipe: str | Path, overrides: dict | None = None) -> dict:
     resolved["stages"] = [_resolve_stage(i, stage) for i, stage in enumerate(resolved.get("stages") or [])]
     if not resolved["stages"]:
         raise ClaraError(f"recipe {recipe} has no stages")
-    unknown = set(resolved) - set(RECIPE_DEFAULTS) - {"name", "description", "stages", "teacher_cache"}
+    unknown = set(resolved) - set(RECIPE_DEFAULTS) - {"name", "stages", "teacher_cache"}
     if unknown:
         raise ClaraError(f"recipe {recipe}: unknown fields {sorted(unknown)}")
     return resolved

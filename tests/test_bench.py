@@ -68,6 +68,7 @@ def test_bench_quick_smoke(tiny_base_dir, tmp_path):
     measured = [r for r in lat if r["backend"] == "torch" and r["ttft_s"] is not None]
     assert {r["method"] for r in measured} == {"clara CR16", "text RAG"}
     assert all(r["peak_rss_mb"] > 0 and r["kv_bytes"] > 0 for r in measured)
+    assert all(r["ttft_cold_s"] > 0 and 0 < r["reused_positions"] < r["positions"] for r in measured)
     over = [r for r in lat if r["ttft_s"] is None and r["note"].startswith("exceeds context")]
     assert any(r["method"] == "text RAG" and r["k"] == 100 for r in over)  # 100 texts overflow 512 positions
     assert all(r["kv_bytes"] for r in over)

@@ -65,6 +65,22 @@ def test_stateful_generator_wrapper_matches_torch(model):
     assert np.abs(ref - torch.cat(rows).numpy()).max() < 1e-4
 
 
+def test_stateful_generator_rewinds_to_a_shared_prefix(model):
+    """What the Core ML backend's prefix reuse relies on: after one prompt, a second one that shares its first n
+    positions runs from n (mask n + T wide) over the stale cache and gets a fresh run's logits."""
+    mem = model.compress(DOCS)
+    with torch.no_grad():
+        first, _ = model.generation_inputs(["where is the tower?"], [mem])
+        second, _ = model.generation_inputs(["what boils?"], [mem])
+        n = int((first[0, :second.shape[1]] == second[0, :first.shape[1]]).all(-1).logical_not().nonzero()[0, 0])
+        gen = CoreMLGenerator(model, 2, 2, 8, max_context=256).eval()
+        gen(first, torch.from_numpy(causal_mask(first.shape[1], 0)))
+        t = second.shape[1] - n
+        reused = gen(second[:, n:], torch.from_numpy(causal_mask(t, n)))
+        fresh = CoreMLGenerator(model, 2, 2, 8, max_context=256).eval()(second, torch.from_numpy(causal_mask(t + n, 0)))
+    assert n > 2 * model.config.n_mem and float((reused - fresh).abs().max()) < 1e-4
+
+
 @needs_coremltools
 def test_coreml_export_spec(model, coreml_export):
     from clara_edge.export.coreml_export import check_spec
@@ -94,6 +110,18 @@ def test_coreml_predictions_match_torch(model, coreml_export):
     result = check_export(coreml_export, reference_model=model, probe=False, max_new_tokens=10)
     assert result["graphs"]["compressor"]["cosine_min"] > 0.98
     assert result["token_agreement"] >= 0.6
+
+
+@needs_coremltools
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_prefix_cache_answers_as_a_fresh_state(model, coreml_export):
+    from clara_edge.prefix_cache import PrefixCache
+
+    backend, cache, mem = open_backend(str(coreml_export)), PrefixCache(), model.compress(DOCS)
+    for question in ("where is the tower?", "what boils?"):
+        got = backend.generate([question], [mem], max_new_tokens=8, prefix_cache=cache)
+        assert got.token_ids == backend.generate([question], [mem], max_new_tokens=8).token_ids
+    assert got.reused_positions > 2 * model.config.n_mem
 
 
 @needs_coremltools

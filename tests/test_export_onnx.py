@@ -22,6 +22,7 @@ from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.onnx_export import trace_graphs, write_onnx_export  # noqa: E402
 from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
 from clara_edge.onnx_backend import OnnxBackend  # noqa: E402
+from clara_edge.prefix_cache import PrefixCache  # noqa: E402
 
 DOCS = ["The Eiffel Tower is in Paris, the capital of France.",
         "Water boils at 100 degrees Celsius at sea level.",
@@ -102,6 +103,19 @@ def test_row_by_row_generation_matches_batched():
     backend.max_batch = 1
     rows = backend.generate(QUESTIONS, memories, max_new_tokens=8)
     assert rows.token_ids == batched.token_ids and rows.context_positions == batched.context_positions
+
+
+def test_prefix_cache_reuses_the_head_and_answers_as_torch():
+    model, path = tiny_onnx_export("fp32")
+    backend = OnnxBackend(path)
+    mem = model.compress(DOCS)
+    cache = PrefixCache()
+    head = model.prompt_ids("?", 1).index(int(model.mem_ids[0]))
+    for question, memories, reused in [(QUESTIONS[0], mem[:1], 0), (QUESTIONS[1], mem[1:], head),
+                                       (QUESTIONS[2], mem[1:], None)]:
+        got = backend.generate([question], [memories], max_new_tokens=8, prefix_cache=cache)
+        assert got.token_ids == model.generate([question], [memories], max_new_tokens=8).token_ids
+        assert got.reused_positions == reused if reused is not None else got.reused_positions > head
 
 
 def test_streaming_and_sampling():

@@ -102,6 +102,16 @@ def test_index_search_and_resume(model, tmp_path):
     assert not [k for k in after if k[0].endswith("doc001.txt")]
 
 
+def test_runtime_prefills_the_shared_prompt_head_once(model, tmp_path):
+    from clara_edge.runtime import Runtime
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=6, n_rows=4)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    first = runtime.ask("Which river?", top_k=2, max_new_tokens=4)
+    second = runtime.ask("Which lake?", top_k=2, max_new_tokens=4)
+    assert first.stats["reused_positions"] == 0 and second.stats["reused_positions"] > 0
+    assert second.answer == Runtime.open(model, tmp_path / "s", 512).ask("Which lake?", top_k=2, max_new_tokens=4).answer
+
+
 def test_progress_bar_reports_docs_per_second(model, tmp_path, capsys):
     corpus = make_corpus(tmp_path / "c", n_txt=2, n_rows=0)
     index_paths(model, [corpus], tmp_path / "s", batch_size=2, progress=True)

@@ -5,6 +5,7 @@ import torch
 from clara_edge import prompt as prompts
 from clara_edge.errors import ClaraError
 from clara_edge.model import ClaraConfig, ClaraModel
+from clara_edge.prefix_cache import PrefixCache
 from tiny import FAMILIES, MISTRAL_LIKE, randomize_adapters, tiny_causal_lm, tiny_clara, tiny_tokenizer
 
 DOCS = ["The Eiffel Tower is in Paris, the capital of France.", "Water boils at 100 degrees.",
@@ -92,6 +93,34 @@ def test_batched_generation_equals_single(model):
     batch = model.generate(questions, [mem[:1], mem[1:3]], max_new_tokens=5)
     singles = [model.generate([q], [m], max_new_tokens=5).token_ids[0] for q, m in zip(questions, [mem[:1], mem[1:3]])]
     assert batch.token_ids == singles
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_prefix_cache_prefills_only_what_changed_and_answers_the_same(model):
+    """Question after question: the reused KV covers the shared head, through equal memories, and no answer
+    differs from a fresh decode; another role (text RAG reads without adapters) reuses nothing."""
+    mem = model.compress(DOCS)
+    cache = PrefixCache()
+    asks = [("Where is the tower?", mem[:2]), ("What boils?", mem[1:3]), ("What boils here?", mem[1:3])]
+    head = model.prompt_ids("?", 1).index(int(model.mem_ids[0]))  # positions before the first memory slot
+    expected = [0, head, _common_prefix(model.prompt_ids(*asks[1][:1], 2), model.prompt_ids(*asks[2][:1], 2))]
+    assert expected[2] > head + 2 * model.config.n_mem  # the third question shares the second one's memories
+    for (question, memories), reused in zip(asks, expected):
+        cached = model.generate([question], [memories], max_new_tokens=6, prefix_cache=cache)
+        fresh = model.generate([question], [memories], max_new_tokens=6)
+        assert cached.reused_positions == reused and fresh.reused_positions == 0
+        assert cached.token_ids == fresh.token_ids
+    docs = [[("Tower", DOCS[0])]]
+    text = model.generate_text_rag(["Where is the tower?"], docs, max_new_tokens=4, prefix_cache=cache)
+    assert text.reused_positions == 0
+    again = model.generate_text_rag(["Where is it?"], docs, max_new_tokens=4, prefix_cache=cache)
+    assert again.reused_positions > head
+    assert again.token_ids == model.generate_text_rag(["Where is it?"], docs, max_new_tokens=4).token_ids
+    with pytest.raises(ValueError, match="one sequence"):
+        model.generate(["a?", "b?"], [mem[:1], mem[:1]], prefix_cache=cache)
 
 
 def test_streaming_callback_sees_every_token(model):
