@@ -1,7 +1,7 @@
 """Latency and memory of one question, llama-bench style: CLaRa vs text RAG at k = 5, 20, 100, per backend.
 
 Each (backend, method) pair runs in its own subprocess (`python -m clara_edge.bench.latency --worker SPEC`),
-so its peak RSS (ru_maxrss: model load + compression + every k) is not polluted by other backends or by the
+so its peak RSS (VmHWM: model load + compression + every k) is not polluted by other backends or by the
 parent's accuracy models. Inside a worker, per k: one warm-up question, then `reps` timed questions (real
 dev-set questions in turn), reported as mean ± std:
 

@@ -357,7 +357,7 @@ class ClaraModel(nn.Module):
             out = causal(inputs_embeds=inputs_embeds[:, reuse:], attention_mask=mask,
                          position_ids=positions[:, reuse:], past_key_values=past, use_cache=True, logits_to_keep=1)
             prefill_end = None
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 logits = out.logits[:, -1].float()
                 nxt = self._pick(logits, do_sample, temperature, top_p, gen)
                 picked = nxt.tolist()  # waits for the device, so the first token's time is real on CUDA too
@@ -371,7 +371,7 @@ class ClaraModel(nn.Module):
                     if on_token is not None:
                         on_token(row, self.tokenizer.decode([tid]))
                 finished |= torch.isin(nxt, eos)
-                if bool(finished.all()):
+                if bool(finished.all()) or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1

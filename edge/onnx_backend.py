@@ -246,7 +246,7 @@ class ExportedBackend:
         prefill_end = None
         logits, state = self._generator_step(embeds[:, reuse:], mask_np, positions[:, reuse:],
                                              state if state is not None else self._generator_state(batch))
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = self._pick(torch.from_numpy(logits), do_sample, temperature, top_p, gen).numpy()
             if prefill_end is None:
                 prefill_end = time.perf_counter()
@@ -258,7 +258,7 @@ class ExportedBackend:
                 tokens[row].append(tid)
                 if on_token is not None:
                     on_token(row, self.tokenizer.decode([tid]))
-            if finished.all():
+            if finished.all() or step == max_new_tokens - 1:
                 break
             mask_np = np.concatenate([mask_np, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1

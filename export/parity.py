@@ -9,6 +9,8 @@
     sequence_match   share of questions whose free-running greedy answers are identical
     f1_torch, f1_export, f1_delta   token F1 (0-100) on `n_dev` dev questions with their gold documents as
                      memories (each backend compresses them itself); delta = export - torch
+    f1_delta_se, f1_rows_changed    the delta's standard error over the paired questions, and how many
+                     questions' F1 changed at all: whether a delta is signal or a handful of flipped answers
     size_mb, peak_rss_mb, tokens_per_s, prefill_s   the export on disk; a fresh process's peak RSS and batch-1
                      decode speed on one CPU thread (64 forced tokens after a warm-up)
     targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8); |f1_delta| <= 1.5 (int4)
@@ -17,6 +19,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +33,7 @@ import torch
 from clara_edge.backend import open_backend
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
+from clara_edge.runtime import peak_rss_mb
 
 # (question, documents): a fixed set, short enough for any model's context
 QUESTIONS: list[tuple[str, list[str]]] = [
@@ -180,11 +185,15 @@ def f1_parity(backend, ref, dev_file: str | Path, n_dev: int = 100, batch_size: 
     from clara_edge.evaluate import evaluate
 
     rows = load_eval_rows(dev_file, limit=n_dev)
-    kw = dict(mode="clara", retriever="oracle", batch_size=batch_size, progress=False, max_new_tokens=max_new_tokens)
-    f1_ref = evaluate(ref, rows, **kw)["f1"]
-    f1_exp = evaluate(backend, rows, **kw)["f1"]
-    return {"n_dev": len(rows), "dev_file": str(dev_file), "f1_torch": f1_ref, "f1_export": f1_exp,
-            "f1_delta": round(f1_exp - f1_ref, 4)}
+    kw = dict(mode="clara", retriever="oracle", batch_size=batch_size, progress=False, max_new_tokens=max_new_tokens,
+              keep_rows=True)
+    ref_report, exp_report = evaluate(ref, rows, **kw), evaluate(backend, rows, **kw)
+    diffs = [e["f1"] - r["f1"] for r, e in zip(ref_report["rows"], exp_report["rows"])]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"n_dev": len(rows), "dev_file": str(dev_file), "f1_torch": ref_report["f1"],
+            "f1_export": exp_report["f1"], "f1_delta": round(exp_report["f1"] - ref_report["f1"], 4),
+            "f1_delta_se": round(se, 4) if se is not None else None,
+            "f1_rows_changed": sum(d != 0 for d in diffs)}
 
 
 def _gate(result: dict, quant: str) -> dict:
@@ -272,20 +281,6 @@ def check_memory_quant(model: ClaraModel, dtype: str = "int8", questions=QUESTIO
 
 
 # ------------------------------------------------------------------------------------------ RSS and speed
-def peak_rss_mb() -> float:
-    """This process's peak resident set (Linux VmHWM: not inherited from the parent, unlike ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 def probe_process(model: str | None, threads: int = 1, timeout: float = 900) -> dict:
     """Peak RSS and batch-1 decode speed of `model` (an export directory or torch model spec) in a fresh
     process, on `threads` CPU threads (1 by default: comparable across formats and on a busy machine)."""

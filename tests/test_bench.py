@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 
@@ -143,3 +144,14 @@ def _no_llama(real_import):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     return fake
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_worker_reports_its_own_peak_rss_not_its_parents():
+    """ru_maxrss survives fork + exec on Linux: a worker spawned by a 1.5 GB parent would report 1.5 GB."""
+    ballast = bytearray(1536 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
+    child = subprocess.run([sys.executable, "-c", "from clara_edge.runtime import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 1024
+    del ballast

@@ -156,9 +156,22 @@ def test_eos_stops_generation_and_is_not_emitted(model):
     assert out.token_ids == [[7, 7]]
 
 
-def test_max_new_tokens_stops_generation(model):
-    out = model.generate(["Where?"], [model.compress(DOCS[:1])], max_new_tokens=3)
-    assert len(out.token_ids[0]) <= 3
+def test_max_new_tokens_stops_generation_without_a_wasted_forward(model):
+    """Three tokens take three forwards (the prefill and two steps): none runs after the last pick."""
+    mem, forwards = model.compress(DOCS[:1]), []
+
+    def no_eos(module, inputs, logits):
+        forwards.append(1)
+        forced = torch.full_like(logits, -1e9)
+        forced[..., 7] = 0.0
+        return forced
+
+    handle = model.lm.get_base_model().get_output_embeddings().register_forward_hook(no_eos)
+    try:
+        out = model.generate(["Where?"], [mem], max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert out.token_ids == [[7, 7, 7]] and len(forwards) == 3
 
 
 def test_text_rag_mode_runs_without_adapters(model):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from tiny import tiny_clara  # noqa: E402
 
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.api import check_export, check_memory_quant, export_model  # noqa: E402
-from clara_edge.export.parity import tensor_error  # noqa: E402
+from clara_edge.export.parity import f1_parity, tensor_error  # noqa: E402
 
 FIXED = [(q, [d]) for q, d in zip(QUESTIONS, DOCS)]
 
@@ -46,6 +47,7 @@ def test_fp32_export_passes_the_gate(tmp_path, dev_file):
                           max_new_tokens=10)
     assert result["token_agreement"] == 1.0 and result["sequence_match"] == 1.0
     assert result["f1_delta"] == 0.0 and result["n_dev"] == 4
+    assert result["f1_delta_se"] == 0.0 and result["f1_rows_changed"] == 0
     for graph in ("compressor", "query", "generator"):
         assert result["graphs"][graph]["max_abs"] < 1e-4
         assert result["graphs"][graph]["cosine_min"] > 0.99999
@@ -85,6 +87,19 @@ def test_export_model_dispatch(tmp_path):
         export_model(model, "onnx", "int3", tmp_path / "x")
     with pytest.raises(ClaraError, match="needs a torch model"):
         export_model(object(), "onnx", "fp32", tmp_path / "x")
+
+
+def test_f1_delta_comes_with_its_paired_standard_error(dev_file, monkeypatch):
+    per_question = {"torch": [0.0, 50.0, 100.0, 0.0], "export": [0.0, 100.0, 100.0, 50.0]}
+
+    def fake_evaluate(model, rows, **kw):
+        f1 = per_question[model]
+        return {"f1": sum(f1) / len(f1), "rows": [{"f1": v} for v in f1]}
+
+    monkeypatch.setattr("clara_edge.evaluate.evaluate", fake_evaluate)
+    result = f1_parity("export", "torch", dev_file, n_dev=4)
+    assert result["f1_delta"] == 25.0 and result["f1_rows_changed"] == 2
+    assert result["f1_delta_se"] == pytest.approx(statistics.stdev([0, 50, 0, 50]) / 2, abs=1e-4)
 
 
 def test_store_int8_vectors_against_fp16(dev_file):
