@@ -14,5 +14,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of dev-set JSONL files, or one holding them in eval/ (default: ../shared/data)")
     p.add_argument("--rows", type=int, default=None,
                    help="accuracy: first N questions of each dev set (default: all; --quick: 2)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="latency: timed questions per configuration after one warm-up (default 5; --quick: 2)")
     p.add_argument("--only", choices=("accuracy", "latency"), action="append", default=None,
                    help="run only this part (repeatable; latency includes the exports it times and llama.cpp)")

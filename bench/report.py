@@ -18,7 +18,8 @@ report.json:
   latency_workers one entry per measured (backend, method) process: peak RSS, load / compression time,
                   max_k_in_context (where the method stops fitting the model's window)
   anchor          llama.cpp rows (clara_edge.bench.anchor), or one row saying why there are none
-  targets         the issue's ratios, measured in this run, with met true / false / null (not measurable)
+  targets         the issues' ratios (TTFT, KV, decode speed; F1 and R@5 per dev set), measured in this run,
+                  with met true / false / null (not measurable)
   machine, versions, settings, command, started, wall_s (and estimated_full_wall_s for --quick)
 
 Backends: torch (fp32 on the CPU), onnx-fp32, onnx-int8, onnx-int4 (exported here, traced once, and cached
@@ -144,8 +145,32 @@ def targets(latency: Sequence[dict], anchor: Sequence[dict], rate: int, torch_ba
                        higher_is_better=True,
                        note="" if llama else (anchor[0]["note"] if anchor and anchor[0].get("note") else
                                               "no llama.cpp row")))
-    out.append({"target": "F1 targets of #3", "value": None, "threshold": "see issue #3", "met": None,
-                "note": "compare the accuracy table with #3 (not meaningful until trained adapters ship)"})
+    return out
+
+
+RECALL_TARGET_SETS = ("hotpotqa", "musique", "2wiki")  # the multi-hop sets whose R@5 the issue compares with BM25
+
+
+def accuracy_targets(accuracy: Sequence[dict], rates: Sequence[int]) -> list[dict]:
+    """Per dev set: clara F1 / text-RAG F1 (>= 1 at the first rate, >= 0.9 at the last) and clara R@5 / BM25
+    R@5 (>= 1, multi-hop sets), from this run's accuracy rows."""
+    def row(dataset: str, method: str) -> dict | None:
+        return next((r for r in accuracy if r["dataset"] == dataset and r["method"] == method), None)
+
+    def compare(name: str, clara: dict | None, text: dict | None, key: str, bound: float) -> dict:
+        a, b = clara and clara[key], text and text[key]
+        note = f"{a:.1f} vs {b:.1f}" if a is not None and b is not None else ""
+        return _target(name, _ratio(a, b), bound, higher_is_better=True, note=note)
+
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in accuracy):
+        text = row(dataset, "text RAG (BM25 top-5)")
+        for rate, bound in [(rates[0], 1.0)] + ([(rates[-1], 0.9)] if len(rates) > 1 else []):
+            out.append(compare(f"F1 clara CR{rate} / text RAG (BM25 top-5), {dataset}",
+                               row(dataset, f"clara CR{rate}"), text, "f1", bound))
+        if dataset in RECALL_TARGET_SETS:
+            out.append(compare(f"R@5 clara CR{rates[0]} / BM25, {dataset}", row(dataset, f"clara CR{rates[0]}"),
+                               text, "recall@5", 1.0))
     return out
 
 
@@ -250,6 +275,7 @@ def render_markdown(report: dict) -> str:
             anchor_table(report["anchor"]),
             "",
         ]
+    if report["targets"]:
         lines += ["## Targets (same machine, same run)", "", targets_table(report["targets"]), ""]
     return "\n".join(lines)
 
@@ -376,7 +402,8 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
         log("accuracy")
         report["accuracy"] = run_accuracy(load, folder, rates, quick=quick, limit=accuracy_limit,
                                           max_new_tokens=acc_tokens, log=log)
-    report["targets"] = targets(report["latency"], report["anchor"], rates[0])
+    report["targets"] = (targets(report["latency"], report["anchor"], rates[0]) if "latency" in parts else []) + \
+        accuracy_targets(report["accuracy"], rates)
     report["machine"]["load_average_end"] = ([round(x, 2) for x in os.getloadavg()]
                                              if hasattr(os, "getloadavg") else None)
     report["wall_s"] = round(time.perf_counter() - started, 1)
@@ -401,10 +428,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     data_dir = getattr(args, "data_dir", None)
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise ClaraError(f"--data {data_dir}: no such folder")
+    reps = getattr(args, "reps", None)
+    if reps is not None and reps < 1:
+        raise ClaraError(f"--reps must be at least 1, got {reps}")
     report = run_bench(args.model, args.backend, Path(args.out), args.quick,
                        data_dir=Path(data_dir) if data_dir else None, base=args.base, device=device, dtype=dtype,
                        accuracy_limit=getattr(args, "rows", None), parts=getattr(args, "only", None) or PARTS,
-                       threads=getattr(args, "threads", None), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                       latency_reps=reps, threads=getattr(args, "threads", None),
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'}, report.md and plots ({report['wall_s']:.0f} s)")
     return 0

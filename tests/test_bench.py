@@ -11,7 +11,7 @@ import pytest
 from clara_edge.bench import anchor
 from clara_edge.bench.latency import (backend_unavailable, expand_backends, kv_bytes, max_k_in_context,
                                      run_in_subprocess)
-from clara_edge.bench.report import run_bench
+from clara_edge.bench.report import accuracy_targets, run_bench
 from clara_edge.errors import ClaraError
 
 FACTS = ["The Eiffel Tower is in Paris.", "Mount Everest is the highest mountain.", "Water boils at 100 degrees.",
@@ -155,3 +155,18 @@ def test_a_worker_reports_its_own_peak_rss_not_its_parents():
                            capture_output=True, text=True, check=True)
     assert float(child.stdout) < 1024
     del ballast
+
+
+def test_accuracy_targets_follow_the_issue():
+    def row(dataset, method, f1, r5=None):
+        return {"dataset": dataset, "method": method, "f1": f1, "recall@5": r5}
+
+    rows = [row("hotpotqa", "text RAG (BM25 top-5)", 10.0, 80.0), row("hotpotqa", "clara CR16", 12.0, 60.0),
+            row("hotpotqa", "clara CR64", 8.5, 70.0), row("nq", "text RAG (BM25 top-5)", 10.0, 90.0),
+            row("nq", "clara CR16", 9.0, 50.0)]
+    got = {t["target"]: (t["value"], t["met"]) for t in accuracy_targets(rows, [16, 64])}
+    assert got == {"F1 clara CR16 / text RAG (BM25 top-5), hotpotqa": (1.2, True),
+                   "F1 clara CR64 / text RAG (BM25 top-5), hotpotqa": (0.85, False),  # needs 0.9
+                   "R@5 clara CR16 / BM25, hotpotqa": (0.75, False),
+                   "F1 clara CR16 / text RAG (BM25 top-5), nq": (0.9, False),
+                   "F1 clara CR64 / text RAG (BM25 top-5), nq": (None, None)}  # not measured

@@ -43,6 +43,7 @@ def test_unknown_option_is_usage_error(capsys):
     (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),
+    (["bench", "--only", "latency", "--reps", "0"], "--reps must be at least 1"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 1
