@@ -347,9 +347,7 @@ class ClaraModel(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         reuse, past = 0, None
         if prefix_cache is not None:
-            if batch != 1:
-                raise ValueError(f"a prefix cache serves one sequence at a time, got a batch of {batch}")
-            reuse, past = prefix_cache.take(role, inputs_embeds[0])
+            reuse, past = prefix_cache.take(role, inputs_embeds)
             if past is not None:
                 reuse, past = _cut_cache(past, reuse)
         start = time.perf_counter()
@@ -379,7 +377,7 @@ class ClaraModel(nn.Module):
                              position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
         end = time.perf_counter()
         if prefix_cache is not None:
-            prefix_cache.keep(role, inputs_embeds[0], out.past_key_values)
+            prefix_cache.keep(role, inputs_embeds, out.past_key_values)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)

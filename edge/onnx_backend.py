@@ -237,9 +237,7 @@ class ExportedBackend:
         finished = np.zeros(batch, dtype=bool)
         reuse, state = 0, None
         if prefix_cache is not None:
-            if batch != 1:
-                raise ValueError(f"a prefix cache serves one sequence at a time, got a batch of {batch}")
-            reuse, held = prefix_cache.take(role, inputs_embeds[0])
+            reuse, held = prefix_cache.take(role, inputs_embeds)
             state = self._crop_state(held, reuse) if held is not None else None
             reuse = reuse if state is not None else 0
         start = time.perf_counter()
@@ -266,7 +264,7 @@ class ExportedBackend:
                                                  positions, state)
         end = time.perf_counter()
         if prefix_cache is not None:
-            prefix_cache.keep(role, inputs_embeds[0], state)
+            prefix_cache.keep(role, inputs_embeds, state)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)

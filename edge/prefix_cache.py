@@ -20,12 +20,15 @@ class PrefixCache:
     embeds: torch.Tensor | None = None  # [T, H] inputs of the prompt whose KV is held
     kv: Any = None                      # the backend's KV for those T positions (its own type)
 
-    def take(self, role: str | None, embeds: torch.Tensor) -> tuple[int, Any]:
-        """(n, kv): the first n positions of `embeds` [T, H] match the held prompt and `kv` holds at least
-        their KV (the caller cuts it to n). n < T, since the last position must run to give logits.
+    def take(self, role: str | None, inputs_embeds: torch.Tensor) -> tuple[int, Any]:
+        """(n, kv): the first n positions of the prompt `inputs_embeds` [1, T, H] match the held prompt and `kv`
+        holds at least their KV (the caller cuts it to n). n < T, since the last position must run to give logits.
 
         The cache is emptied: the caller extends the KV in place and hands it back with `keep`.
         """
+        if inputs_embeds.shape[0] != 1:
+            raise ValueError(f"a prefix cache serves one sequence at a time, got a batch of {inputs_embeds.shape[0]}")
+        embeds = inputs_embeds[0]
         held, kv, held_role = self.embeds, self.kv, self.role
         self.clear()
         if kv is None or held is None or held_role != role:
@@ -35,10 +38,10 @@ class PrefixCache:
         reuse = n if bool(same.all()) else int(same.logical_not().nonzero()[0, 0])
         return reuse, (kv if reuse else None)
 
-    def keep(self, role: str | None, embeds: torch.Tensor, kv: Any) -> None:
-        """Hold `kv`, the KV cache after `role` read the prompt `embeds` [T, H] (the answer's positions may
-        follow the prompt's; `take` cuts them off)."""
-        self.role, self.embeds, self.kv = role, embeds, kv
+    def keep(self, role: str | None, inputs_embeds: torch.Tensor, kv: Any) -> None:
+        """Hold `kv`, the KV cache after `role` read the prompt `inputs_embeds` [1, T, H] (the answer's positions
+        may follow the prompt's; `take` cuts them off)."""
+        self.role, self.embeds, self.kv = role, inputs_embeds[0], kv
 
     def clear(self) -> None:
         self.role, self.embeds, self.kv = None, None, None
