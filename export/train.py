@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from clara_edge.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from clara_edge.devices import resolve_device
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraConfig
 
@@ -280,6 +281,8 @@ class Run:
         self.accel = Accelerator(cpu=device == "cpu", mixed_precision=recipe["mixed_precision"],
                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.main = self.accel.is_main_process
+        if self.accel.device.type == "cuda":  # fp32 weights and optimizer, TF32 matmuls: ~2x, loss unchanged in practice
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.progress, self.stop_after, self.steps_done = progress, stop_after, 0
         self.seed = recipe["seed"]
         self.sources = None
@@ -598,6 +601,8 @@ def train(recipe: str | Path, out_dir: Path, resume: bool = True, overrides: dic
     """
     overrides = dict(overrides or {})
     device = overrides.pop("device", None) or device
+    if device:
+        resolve_device(device)  # accelerate would fall back to the CPU without a word
     resolved = load_recipe(recipe, overrides)
     run = Run(resolved, Path(out_dir), device=device, progress=progress, stop_after=stop_after)
     _check_run_dir(run, resume)

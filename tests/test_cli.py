@@ -40,6 +40,7 @@ def test_unknown_option_is_usage_error(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["info", "--model", "/no/such/model"], "not found"),
     (["info", "--model", "smollm2-135m", "--device", "cuda"], "CUDA is not available"),
+    (["train", "--recipe", "tiny", "--device", "cuda", "--out", "/no/such/run"], "CUDA is not available"),
     (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),

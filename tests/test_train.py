@@ -212,7 +212,7 @@ def test_samples_from_the_shared_training_files():
 def test_recipes_resolve():
     default = load_recipe("default", {"compression": 64, "max_steps": 3})
     assert default["model"]["compression_rate"] == 64
-    assert [s["kind"] for s in default["stages"]] == ["scp", "instruct", "e2e"]
+    assert [s["kind"] for s in default["stages"]] == ["scp", "instruct", "e2e", "retrieval"]
     assert all(s["max_steps"] == 3 for s in default["stages"]) and default["stages"][0]["betas"] == [0.9, 0.95]
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
