@@ -13,6 +13,7 @@ from .errors import ClaraError
 from .quiet import quiet_libraries
 
 PROG = "clara-edge"
+BNB_CHECKS = ("bnb-int8", "bnb-nf4")
 
 
 # ------------------------------------------------------------------------------------------ shared options
@@ -180,7 +181,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clara_edge.export.api import check_export, export_model
+    from clara_edge.export.api import check_bnb, check_export, export_model
+    if args.check in BNB_CHECKS:  # bitsandbytes weights of --model (torch backend) against the same model in fp32
+        from .checkpoint import load_model
+        from .devices import resolve_device
+        device = str(resolve_device(args.device))
+        reference = load_model(args.model, args.compression, "cpu", "fp32", args.base)
+        result = check_bnb(reference, args.check.removeprefix("bnb-"), device, dev_file=args.data, n_dev=args.limit,
+                           json_out=args.json_out)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.check:  # --model names the fp32 reference when the export's recorded source has changed since
         from .checkpoint import load_model
         reference = (load_model(args.model, getattr(args, "compression", None), "cpu", "fp32", args.base)
@@ -272,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx", "coreml"])
     p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     p.add_argument("--out", default=None, help="export directory")
-    p.add_argument("--check", default=None, metavar="DIR", help="parity-check an export against torch fp32")
+    p.add_argument("--check", default=None, metavar="DIR", help="parity-check an export against torch fp32; or "
+                   "bnb-int8 / bnb-nf4: bitsandbytes base weights of --model (torch backend) against the same in fp32")
     p.add_argument("--data", default=None, help="dev JSONL for the F1 delta of --check")
     p.add_argument("--limit", type=int, default=100, help="dev questions for --check")
     p.add_argument("--json", dest="json_out", default=None, help="write --check's result here")

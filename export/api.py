@@ -4,6 +4,7 @@
     check_export(export_dir, reference_model=None, questions=QUESTIONS, dev_file=None, n_dev=100,
                  json_out=None, probe=True, max_new_tokens=32) -> dict
     check_memory_quant(model, dtype="int8", questions=QUESTIONS, dev_file=None, n_dev=100, ...) -> dict
+    check_bnb(model, mode="int8"|"nf4", device="cpu", questions=QUESTIONS, dev_file=None, n_dev=100, ...) -> dict
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 from clara_edge.errors import ClaraError
 from clara_edge.model import ClaraModel
 
-from .parity import check_export, check_memory_quant
+from .parity import check_bnb, check_export, check_memory_quant
 from .quantize import QUANTS
 
 FORMATS = ("onnx", "coreml")
 
-__all__ = ["FORMATS", "QUANTS", "check_export", "check_memory_quant", "export_model"]
+__all__ = ["FORMATS", "QUANTS", "check_bnb", "check_export", "check_memory_quant", "export_model"]
 
 
 def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, source: str | None = None,

@@ -14,7 +14,8 @@
     size_mb, peak_rss_mb, tokens_per_s, prefill_s   the export on disk; a fresh process's peak RSS and batch-1
                      decode speed on one CPU thread (64 forced tokens after a warm-up)
     targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8); |f1_delta| <= 1.5 (int4)
-`check_memory_quant` applies the same gate to a memory store's int8 (or int4) vectors against fp16 ones.
+`check_memory_quant` applies the same gate to a memory store's int8 (or int4) vectors against fp16 ones, and
+`check_bnb` to bitsandbytes int8 / nf4 base weights (torch backend) against fp32.
 """
 from __future__ import annotations
 
@@ -61,10 +62,15 @@ PROBE_TOKENS = 64
 # ------------------------------------------------------------------------------------------ numerics
 def tensor_error(ref, got) -> dict:
     """max-abs and cosine (per item over its flattened values: mean and min) of `got` against `ref`."""
-    a = torch.as_tensor(np.asarray(ref), dtype=torch.float64).reshape(len(ref), -1)
-    b = torch.as_tensor(np.asarray(got), dtype=torch.float64).reshape(len(got), -1)
+    a, b = _float64_rows(ref), _float64_rows(got)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     return {"max_abs": float((a - b).abs().max()), "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def _float64_rows(x) -> torch.Tensor:
+    """[n, ...] numpy array or tensor (any device) -> float64 CPU tensor [n, -1]."""
+    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    return t.reshape(len(t), -1)
 
 
 def _merge_errors(parts: list[dict]) -> dict:
@@ -84,12 +90,12 @@ def torch_forced_logits(model: ClaraModel, embeds: torch.Tensor, mask: torch.Ten
     """Torch generator logits [n, V] at each step of a teacher-forced answer (one full forward, B = 1)."""
     model._activate("generator")
     if len(targets) > 1:
-        embeds = torch.cat([embeds, model.embed(torch.tensor([targets[:-1]]))], dim=1)
-        mask = torch.cat([mask, torch.ones(1, len(targets) - 1, dtype=mask.dtype)], dim=1)
+        embeds = torch.cat([embeds, model.embed(torch.tensor([targets[:-1]], device=embeds.device))], dim=1)
+        mask = torch.cat([mask, torch.ones(1, len(targets) - 1, dtype=mask.dtype, device=mask.device)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model.lm.get_base_model()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                     use_cache=False, logits_to_keep=len(targets))
-    return out.logits[0].float().numpy()
+    return out.logits[0].float().cpu().numpy()
 
 
 def export_forced_logits(backend, embeds: torch.Tensor, mask: torch.Tensor, targets: list[int]) -> np.ndarray:
@@ -270,12 +276,39 @@ def check_memory_quant(model: ClaraModel, dtype: str = "int8", questions=QUESTIO
     raw = model.compress(docs)
     ref_mem, cand_mem = ref.roundtrip(raw), cand.roundtrip(raw)
     result = {"store_dtype": dtype, "reference_dtype": "fp16", "memories": tensor_error(ref_mem, cand_mem)}
-    result.update(_agreement(
-        model, questions, ref_mem, cand_mem,
-        lambda q, mem, targets: torch_forced_logits(model, *model.generation_inputs([q], [mem]), targets),
-        lambda q, mem: model.generate([q], [mem], max_new_tokens=max_new_tokens).token_ids, max_new_tokens))
+    result.update(_torch_agreement(model, model, questions, ref_mem, cand_mem, max_new_tokens))
     result.update(f1_parity(cand, ref, dev_file, n_dev) if dev_file else {"f1_delta": None})
     _gate(result, "int8" if dtype == "int8" else "int4")
+    _write_json(result, json_out)
+    return result
+
+
+def _torch_agreement(ref: ClaraModel, cand: ClaraModel, questions, ref_mem, cand_mem, max_new_tokens: int) -> dict:
+    """`_agreement` for a torch candidate (same generation code as the reference, other weights or memories)."""
+    return _agreement(
+        ref, questions, ref_mem, cand_mem,
+        lambda q, mem, targets: torch_forced_logits(cand, *cand.generation_inputs([q], [mem]), targets),
+        lambda q, mem: cand.generate([q], [mem], max_new_tokens=max_new_tokens).token_ids, max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------ bitsandbytes
+def check_bnb(model: ClaraModel, mode: str = "int8", device: str = "cpu", questions=QUESTIONS, dev_file=None,
+              n_dev: int = 100, max_new_tokens: int = 32, json_out=None) -> dict:
+    """The parity gate for bitsandbytes int8 / nf4 base weights (`export.bnb`) against the same fp32 torch model:
+    memory errors, token agreement and F1 delta as for exports; int8 is held to the int8 targets, nf4 to int4's."""
+    from .bnb import quantize_bnb
+
+    cand = quantize_bnb(model, mode, device)
+    docs, qs = [d for _, ds in questions for d in ds], [q for q, _ in questions]
+    ref_mem, cand_mem = model.compress(docs), cand.compress(docs)
+    result = {"bnb": mode, "device": device,
+              "weights_mb": round(sum(p.numel() * p.element_size() for p in cand.parameters()) / 2**20, 1),
+              "weights_mb_fp32": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+              "graphs": {"compressor": tensor_error(ref_mem, cand_mem),
+                         "query": tensor_error(model.encode_query(qs), cand.encode_query(qs))}}
+    result.update(_torch_agreement(model, cand, questions, ref_mem, cand_mem, max_new_tokens))
+    result.update(f1_parity(cand, model, dev_file, n_dev) if dev_file else {"f1_delta": None})
+    _gate(result, "int8" if mode == "int8" else "int4")
     _write_json(result, json_out)
     return result
 

@@ -15,7 +15,7 @@ from test_export_onnx import DOCS, QUESTIONS, tiny_onnx_export  # noqa: E402
 from tiny import tiny_clara  # noqa: E402
 
 from clara_edge.errors import ClaraError  # noqa: E402
-from clara_edge.export.api import check_export, check_memory_quant, export_model  # noqa: E402
+from clara_edge.export.api import check_bnb, check_export, check_memory_quant, export_model  # noqa: E402
 from clara_edge.export.parity import f1_parity, tensor_error  # noqa: E402
 
 FIXED = [(q, [d]) for q, d in zip(QUESTIONS, DOCS)]
@@ -120,3 +120,39 @@ def test_bitsandbytes_reports_unavailability_in_one_line():
     with pytest.raises(ClaraError):
         quantize_bnb(tiny_clara("llama"), "nf4", "cpu")
     assert torch.__version__  # torch untouched
+
+
+def test_bitsandbytes_check_is_one_clear_line_where_it_cannot_run(capsys):
+    from clara_edge.cli import main
+    from clara_edge.export.bnb import bnb_unavailable
+
+    if bnb_unavailable("cpu") is None:
+        pytest.skip("bitsandbytes runs here")
+    assert main(["export", "--check", "bnb-nf4", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clara-edge: error:") and "bitsandbytes" in err and "\n" not in err
+
+
+def test_bitsandbytes_gate_with_a_lossless_stand_in(dev_file, monkeypatch):
+    """The gate's plumbing without bitsandbytes: a quantiser that changes nothing must pass with agreement 1."""
+    import clara_edge.export.bnb as bnb
+
+    model = tiny_clara("llama")
+    monkeypatch.setattr(bnb, "quantize_bnb", lambda m, mode, device: m)
+    result = check_bnb(model, "int8", "cpu", questions=FIXED, dev_file=dev_file, n_dev=4, max_new_tokens=10)
+    assert result["token_agreement"] == 1.0 and result["f1_delta"] == 0 and result["passed"] is True
+    assert result["graphs"]["compressor"]["max_abs"] == 0 and result["weights_mb"] == result["weights_mb_fp32"]
+    nf4 = check_bnb(model, "nf4", "cpu", questions=FIXED[:2], max_new_tokens=6)
+    assert nf4["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5} and nf4["passed"] is None
+
+
+def test_bitsandbytes_int8_weights_through_the_gate(dev_file):
+    from clara_edge.export.bnb import bnb_unavailable
+
+    reason = bnb_unavailable("cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    result = check_bnb(tiny_clara("llama"), "int8", "cpu", questions=FIXED, dev_file=dev_file, n_dev=4, max_new_tokens=10)
+    assert result["bnb"] == "int8" and result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 0.5}
+    assert result["graphs"]["compressor"]["cosine"] > 0.9 and 0 <= result["token_agreement"] <= 1
+    assert result["weights_mb"] < result["weights_mb_fp32"] and result["f1_delta"] is not None
