@@ -69,7 +69,10 @@ def tensor_error(ref, got) -> dict:
 
 def _float64_rows(x) -> torch.Tensor:
     """[n, ...] numpy array or tensor (any device) -> float64 CPU tensor [n, -1]."""
-    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu", torch.float64)
+    else:
+        t = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     return t.reshape(len(t), -1)
 
 

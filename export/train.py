@@ -536,7 +536,8 @@ class Run:
         if self.main:
             model = load_checkpoint(previous, "cpu", "fp32")
             cr = model.config.compression_rate
-            model.config.extra = {**model.config.extra, "recipe_sha": recipe_digest(self.recipe),
+            model.config.extra = {**model.config.extra, "recipe": self.recipe["name"],
+                                  "recipe_sha": recipe_digest(self.recipe),
                                   "stages": [s["name"] for s in self.recipe["stages"]],
                                   "command": f"clara-edge train --recipe {self.recipe['name']} --compression {cr}"}
             save_checkpoint(model, final, dtype=torch.float16)

@@ -152,7 +152,8 @@ def test_bitsandbytes_int8_weights_through_the_gate(dev_file):
     reason = bnb_unavailable("cpu")
     if reason is not None:
         pytest.skip(reason)
-    result = check_bnb(tiny_clara("llama"), "int8", "cpu", questions=FIXED, dev_file=dev_file, n_dev=4, max_new_tokens=10)
+    result = check_bnb(tiny_clara("llama"), "int8", "cpu", questions=FIXED, dev_file=dev_file, n_dev=4,
+                       max_new_tokens=10)
     assert result["bnb"] == "int8" and result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 0.5}
     assert result["graphs"]["compressor"]["cosine"] > 0.9 and 0 <= result["token_agreement"] <= 1
     assert result["weights_mb"] < result["weights_mb_fp32"] and result["f1_delta"] is not None
