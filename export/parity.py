@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from clara_edge.backend import open_backend
 from clara_edge.errors import ClaraError
@@ -295,6 +296,10 @@ def _torch_agreement(ref: ClaraModel, cand: ClaraModel, questions, ref_mem, cand
 
 
 # ------------------------------------------------------------------------------------------ bitsandbytes
+def _weights_mb(model: nn.Module) -> float:
+    return round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+
+
 def check_bnb(model: ClaraModel, mode: str = "int8", device: str = "cpu", questions=QUESTIONS, dev_file=None,
               n_dev: int = 100, max_new_tokens: int = 32, json_out=None) -> dict:
     """The parity gate for bitsandbytes int8 / nf4 base weights (`export.bnb`) against the same fp32 torch model:
@@ -305,8 +310,7 @@ def check_bnb(model: ClaraModel, mode: str = "int8", device: str = "cpu", questi
     docs, qs = [d for _, ds in questions for d in ds], [q for q, _ in questions]
     ref_mem, cand_mem = model.compress(docs), cand.compress(docs)
     result = {"bnb": mode, "device": device,
-              "weights_mb": round(sum(p.numel() * p.element_size() for p in cand.parameters()) / 2**20, 1),
-              "weights_mb_fp32": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+              "weights_mb": _weights_mb(cand), "weights_mb_fp32": _weights_mb(model),
               "graphs": {"compressor": tensor_error(ref_mem, cand_mem),
                          "query": tensor_error(model.encode_query(qs), cand.encode_query(qs))}}
     result.update(_torch_agreement(model, cand, questions, ref_mem, cand_mem, max_new_tokens))
