@@ -286,7 +286,7 @@ def run_worker(spec: WorkerSpec) -> dict:
             question = questions[rep % len(questions)]
             if spec.method == "clara":
                 encode_s, query = _timed(lambda: backend.encode_query([question]))
-                retrieval_s, (_, ids) = _timed(lambda: top_k(cosine_scores(query, pool_mem), k))
+                retrieval_s, (_, ids) = _timed(lambda: top_k(cosine_scores(query, pool_mem, backend.retrieval_centre), k))
                 picked = pool_mem[ids[0]]
 
                 def answer(tokens: int, cache: PrefixCache | None):

@@ -28,6 +28,7 @@ class Backend(Protocol):
     tokenizer: Any
 
     max_positions: int  # the generator's context window
+    retrieval_centre: torch.Tensor | None  # [n_mem, hidden], subtracted before cosine (clara_edge.retrieval)
 
     def fingerprint(self) -> str:
         """Identity of the compressor: a memory store must have been built with the same one."""

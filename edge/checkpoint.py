@@ -3,7 +3,8 @@
 Our format (a directory):
     clara_config.json             ClaraConfig + format version + base fingerprint + model fingerprint
     adapters.safetensors          "{role}.{peft key}" -> LoRA tensors, for role in compressor/query/generator
-    special_embeddings.safetensors  "special_embeddings" [n_special, H] (+ "override.{param}" base rows, if any)
+    special_embeddings.safetensors  "special_embeddings" [n_special, H] (+ "override.{param}" base rows, if any;
+                                  + "retrieval_centre" [n_mem, H] fp32, if the model has one)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "clara_config.json"
 ADAPTERS_FILE = "adapters.safetensors"
 EMBEDDINGS_FILE = "special_embeddings.safetensors"
+CENTRE_KEY = "retrieval_centre"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped, trained defaults
 
 
@@ -96,6 +98,8 @@ def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype =
         embeds[f"override.{name}"] = base_params[name].detach().to("cpu", dtype).contiguous()
     for name, value in (overrides or {}).items():
         embeds[f"override.{name}"] = value.detach().to("cpu", dtype).contiguous()
+    if model.retrieval_centre is not None:
+        embeds[CENTRE_KEY] = model.retrieval_centre.detach().to("cpu", torch.float32).contiguous()
     save_file(embeds, tmp / EMBEDDINGS_FILE)
     meta = {"format": "clara-edge", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
             "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(),
@@ -161,6 +165,11 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
         raise ClaraError(f"checkpoint {path}: special embeddings missing or of the wrong shape")
     with torch.no_grad():
         model.special_embeddings.copy_(special)
+    centre = embeds.get(CENTRE_KEY)
+    if centre is not None and tuple(centre.shape) != (config.n_mem, model.hidden_size):
+        raise ClaraError(f"checkpoint {path}: retrieval centre of shape {tuple(centre.shape)}, expected "
+                         f"{(config.n_mem, model.hidden_size)}")
+    model.retrieval_centre = None if centre is None else centre.float()
     return model.eval()
 
 

@@ -83,7 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         model = _open(args)
         info = {"backend": model.name, "fingerprint": model.fingerprint(), **model.config.to_dict(),
-                "n_mem": model.config.n_mem}
+                "n_mem": model.config.n_mem, "retrieval": "centred cosine" if model.retrieval_centre is not None
+                else "cosine"}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -149,7 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
     result = evaluate_file(_open(args), args.data, mode=args.mode, retriever=args.retriever, top_k=args.top_k,
                            corpus=args.corpus, limit=args.limit, json_out=args.json_out,
-                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           retrieval_only=args.retrieval_only)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
 
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="rank and score recall@k only, no answers (fast retriever comparisons)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result object to this file")
     _model_options(p)
     _backend_option(p)

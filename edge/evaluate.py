@@ -23,6 +23,8 @@ Report (all scores on the 0-100 scale; max over all gold answers; SQuAD normalis
                                            tokens (their tail never reaches the memory); else null
 plus mode, retriever, top_k, compression_rate, n_mem, base_model, n_recall, docs_given_mean, new_tokens_mean,
 prefill_s, decode_s, wall_s; and "rows" (per-question predictions and scores) when keep_rows is set.
+retrieval_only: rank, score recall, generate nothing (answer metrics and positions null): minutes instead of
+hours for a retriever comparison over many questions.
 Each unique document is compressed once per run, as `document_text(doc)` ("title: text").
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from . import metrics
 from .bm25 import BM25Cache
 from .datasets import Candidates, EvalRow, build_candidates, document_text, load_eval_set
 from .errors import ClaraError
+from .retrieval import flatten_normalize
 
 MODES = ("clara", "text", "text-tuned", "closed-book")
 RETRIEVERS = ("bm25", "clara", "oracle")
@@ -84,15 +87,14 @@ class MemoryCache:
         return torch.stack([self.memories[t] for t in texts])
 
     def unit_matrix(self, docs: Sequence) -> torch.Tensor:
-        """L2-normalised flattened memories [n, n_mem*H] of a candidate set, cached per set object."""
+        """Unit rows [n, n_mem*H] of a candidate set's memories as retrieval compares them, cached per set object."""
         hit = self._matrices.get(id(docs))
         if hit is None:
-            flat = self.stack(docs).flatten(1).float()
-            hit = self._matrices[id(docs)] = (docs, torch.nn.functional.normalize(flat, dim=-1))
+            hit = self._matrices[id(docs)] = (docs, flatten_normalize(self.stack(docs), self.model.retrieval_centre))
         return hit[1]
 
 
-def _check_args(model, mode: str, retriever: str | None, top_k: int) -> str | None:
+def _check_args(model, mode: str, retriever: str | None, top_k: int, retrieval_only: bool = False) -> str | None:
     if mode not in MODES:
         raise ClaraError(f"unknown eval mode {mode!r}: use {', '.join(MODES)}")
     if mode != "clara" and not hasattr(model, "generate_text_rag"):
@@ -100,12 +102,16 @@ def _check_args(model, mode: str, retriever: str | None, top_k: int) -> str | No
     if mode == "closed-book":
         if retriever is not None:
             raise ClaraError("closed-book mode reads no documents: drop --retriever")
+        if retrieval_only:
+            raise ClaraError("closed-book mode retrieves nothing: --retrieval-only needs another mode")
         return None
     retriever = retriever or DEFAULT_RETRIEVER[mode]
     if retriever not in RETRIEVERS:
         raise ClaraError(f"unknown retriever {retriever!r}: use {', '.join(RETRIEVERS)}")
     if top_k < 1:
         raise ClaraError(f"--top-k must be at least 1, got {top_k}")
+    if retrieval_only and retriever == "oracle":
+        raise ClaraError("--retrieval-only needs a ranking retriever (bm25 or clara), not oracle")
     return retriever
 
 
@@ -116,7 +122,7 @@ def _rankings(model, retriever: str, questions: list[str], cands: list[Candidate
         return [list(c.gold) for c in cands]
     if retriever == "bm25":
         return [bm25.get(c.docs).top_k(q, depth) for q, c in zip(questions, cands)]
-    queries = torch.nn.functional.normalize(model.encode_query(questions).flatten(1).float(), dim=-1)
+    queries = flatten_normalize(model.encode_query(questions), model.retrieval_centre)
     out = []
     for q, c in zip(queries, cands):
         scores = cache.unit_matrix(c.docs) @ q
@@ -130,7 +136,7 @@ def _mean(values: list[float], scale: float = 1.0) -> float | None:
 
 def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str | None = None, top_k: int = 5,
              candidates: Sequence[Candidates] | None = None, batch_size: int = 8, progress: bool = True,
-             keep_rows: bool = False, max_new_tokens: int = 64) -> dict:
+             keep_rows: bool = False, max_new_tokens: int = 64, retrieval_only: bool = False) -> dict:
     """Evaluate `model` on `rows`; returns the report dict described in the module docstring.
 
     model       a ClaraModel (any Backend for mode clara; text modes need `generate_text_rag`)
@@ -141,8 +147,9 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
     candidates  one Candidates per row; None -> build_candidates(rows) (pooling only over `rows`: pass
                 load_eval_set's candidates to pool over a whole file)
     batch_size  questions per generate call (and documents per compress call)
+    retrieval_only  rank and score recall only (no generation)
     """
-    retriever = _check_args(model, mode, retriever, top_k)
+    retriever = _check_args(model, mode, retriever, top_k, retrieval_only)
     rows = list(rows)
     if not rows:
         raise ClaraError("no rows to evaluate")
@@ -167,16 +174,21 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
                   else [[] for _ in batch])
         picked = [rank if retriever == "oracle" else rank[:top_k] for rank in ranked]
         docs = [[c.docs[i] for i in p] for c, p in zip(bcands, picked)]
-        if mode == "clara":
+        gen = None
+        if retrieval_only:
+            cache.ensure([document_text(d) for row_docs in docs for d in row_docs] if mode == "clara" else [])
+        elif mode == "clara":
             gen = model.generate(questions, [cache.stack(d) for d in docs], max_new_tokens=max_new_tokens)
         else:
             gen = model.generate_text_rag(questions, docs, role=TEXT_ROLE[mode], max_new_tokens=max_new_tokens)
-        prefill_s += gen.prefill_s
-        decode_s += gen.decode_s
+        if gen is not None:
+            prefill_s += gen.prefill_s
+            decode_s += gen.decode_s
         for i, row in enumerate(batch):
-            pred = gen.texts[i]
-            rec = {"em": metrics.exact_match(pred, row.answers), "f1": metrics.f1_score(pred, row.answers),
-                   "cover_em": metrics.cover_exact_match(pred, row.answers)}
+            pred = gen.texts[i] if gen is not None else None
+            rec = {} if pred is None else {"em": metrics.exact_match(pred, row.answers),
+                                           "f1": metrics.f1_score(pred, row.answers),
+                                           "cover_em": metrics.cover_exact_match(pred, row.answers)}
             gold = bcands[i].gold
             if retriever not in (None, "oracle") and gold:
                 for k in RECALL_KS:
@@ -193,14 +205,16 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
                 scores[key].append(value)
             if comp is not None:
                 scores["compression"].append(comp)
-            scores["positions"].append(gen.context_positions[i])
+            if gen is not None:
+                scores["positions"].append(gen.context_positions[i])
+                scores["tokens"].append(len(gen.token_ids[i]))
             scores["docs"].append(len(docs[i]))
-            scores["tokens"].append(len(gen.token_ids[i]))
             if keep_rows:
                 per_row.append({"id": row.id, "question": row.question, "golden_answers": list(row.answers),
                                 "prediction": pred, **{k: round(100 * v, 2) for k, v in rec.items()},
                                 "retrieved": picked[i], "retrieved_titles": [d[0] for d in docs[i]],
-                                "gold": list(gold), "context_positions": gen.context_positions[i],
+                                "gold": list(gold),
+                                "context_positions": gen.context_positions[i] if gen is not None else None,
                                 "effective_compression": comp})
         bar.update(len(batch))
     bar.close()
@@ -226,12 +240,12 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
 def evaluate_file(model, data: str | Path, mode: str = "clara", retriever: str | None = None, top_k: int = 5,
                   corpus: str | Path | None = None, limit: int | None = None, json_out: str | Path | None = None,
                   batch_size: int = 8, progress: bool = True, keep_rows: bool = False,
-                  max_new_tokens: int = 64) -> dict:
+                  max_new_tokens: int = 64, retrieval_only: bool = False) -> dict:
     """`clara-edge eval` in one call: load the file (and corpus), evaluate, write the report to `json_out`."""
-    _check_args(model, mode, retriever, top_k)  # fail before reading a large file
+    _check_args(model, mode, retriever, top_k, retrieval_only)  # fail before reading a large file
     data_set = load_eval_set(data, corpus, limit)
     report = evaluate(model, data_set.rows, mode, retriever, top_k, data_set.candidates, batch_size, progress,
-                      keep_rows, max_new_tokens)
+                      keep_rows, max_new_tokens, retrieval_only)
     report = {"data": str(data), "corpus": str(corpus) if corpus else None, **report}
     if json_out is not None:
         out = Path(json_out).expanduser()

@@ -123,6 +123,9 @@ class ClaraModel(nn.Module):
         for role in ROLES[1:]:
             self.lm.add_adapter(role, lora)
         self.trainable_roles: set[str] = set()
+        # Subtracted from query and document memories before cosine when set (clara_edge.retrieval explains
+        # why); the retrieval training stage sets it to the mean memory of its bank. [n_mem, H] fp32, CPU.
+        self.retrieval_centre: torch.Tensor | None = None
         self._active: str | None = None
         self._activate(ROLES[0])
 

@@ -14,6 +14,7 @@ An export directory (see `clara_edge.export.onnx_export`) holds
                         (fp16 [base_vocab, H / block]: one scale per block of each row)
     special_embeddings.npy  [n_special, H] fp32: the added tokens (<MEM_i>, <AE>, <ENC>, <SEP>), never
                         quantised: memory slots are read at the MEM positions, so their inputs must be exact
+    retrieval_centre.npy    [n_mem, H] fp32, when the model has one (clara_edge.retrieval)
     tokenizer/          the tokenizer, added tokens included
 
 The runtime embeds token ids itself (memory-mapped table), so the table exists once and memory slots are
@@ -41,6 +42,7 @@ TOKENIZER_DIR = "tokenizer"
 EMBEDDINGS_FILE = "embeddings.npy"
 EMBEDDING_SCALES_FILE = "embedding_scales.npy"
 SPECIAL_EMBEDDINGS_FILE = "special_embeddings.npy"
+CENTRE_FILE = "retrieval_centre.npy"
 
 
 def read_manifest(path: Path, fmt: str, manifest: dict | None = None) -> dict:
@@ -133,6 +135,7 @@ class ExportedBackend:
         self.hidden_size = int(self.manifest["hidden_size"])
         self.max_positions = int(self.manifest.get("max_positions", 2048))  # the generator's window
         self._table, self._scales, self._special_table = self._load_embeddings()
+        self.retrieval_centre = self._load_centre()
         self._special_row: dict[int, int] = {tid: i for i, tid in enumerate(self.special_ids.values())}
 
     # ---------------------------------------------------------------- Backend protocol extras
@@ -169,6 +172,18 @@ class ExportedBackend:
             raise ClaraError(f"embedding tables in {self.path} have shapes {table.shape} / {special.shape}, "
                              f"expected {(self.base_vocab, self.hidden_size)} / {(len(self.special_ids), self.hidden_size)}")
         return table, scales, special
+
+    def _load_centre(self) -> torch.Tensor | None:
+        if CENTRE_FILE not in self.manifest["files"]:
+            return None
+        try:
+            centre = np.load(self.path / CENTRE_FILE).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise ClaraError(f"corrupted retrieval centre in {self.path}: {str(e).splitlines()[0][:160]}") from None
+        if centre.shape != (self.config.n_mem, self.hidden_size):
+            raise ClaraError(f"retrieval centre in {self.path} has shape {centre.shape}, expected "
+                             f"{(self.config.n_mem, self.hidden_size)}")
+        return torch.from_numpy(centre)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> fp32 embeddings [B, T, H]; added tokens read their own rows (as ClaraModel.embed)."""

@@ -1,10 +1,17 @@
 """Retrieval: cosine between the flattened query memory and each flattened document memory.
 
 A memory [n_mem, H] is compared as one vector of n_mem*H values (D below), so cosine = inner product of
-L2-normalised D-vectors. Over a store, `search` streams the memory-mapped records in blocks: each block is
-dequantised into one reused fp32 buffer (small enough to stay in cache), scored with one matmul against the
-normalised queries and divided by the document norms the store keeps, so nothing is normalised at query
-time. Rows that are not live (deleted, replaced, or of a source still being indexed) never come back.
+L2-normalised D-vectors. A model may carry a retrieval centre c [n_mem, H] (the mean memory of its training
+bank): then both sides are compared as x - c. Why: a compressor's memories share one large common direction
+(mean cosine 0.85-0.995 between unrelated documents), which squeezes raw cosines into a sliver that a query
+adapter trains poorly against; centred, they spread out. Documents are stored raw (the generator reads
+them), so centring happens at scoring time and a store does not depend on the centre.
+
+Over a store, `search` streams the memory-mapped records in blocks: each block is dequantised into one
+reused fp32 buffer (small enough to stay in cache) and scored with one matmul against the normalised
+queries and the centre, using the document norms the store keeps (|d - c|^2 = |d|^2 - 2 d.c + |c|^2), so
+nothing is normalised at query time. Rows that are not live (deleted, replaced, or of a source still being
+indexed) never come back.
 `use_faiss=True` searches a faiss inner-product index over the normalised live rows instead (built on first
 use per store state and kept in memory; an IndexFlatIP by default, any index_factory string otherwise).
 """
@@ -26,17 +33,29 @@ def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(x).detach().to("cpu", torch.float32)
 
 
-def flatten_normalize(mem: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Memories [N, n_mem, H] (or already flat [N, D]) -> unit rows [N, D] fp32; zero rows stay zero."""
+def flatten_normalize(mem: torch.Tensor | np.ndarray, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Memories [N, n_mem, H] (or already flat [N, D]) -> unit rows [N, D] fp32 of x - centre (centre
+    [n_mem, H] or None); zero rows stay zero."""
     x = _as_tensor(mem)
     if x.ndim < 2:
         raise ClaraError(f"expected memories [N, n_mem, H] or [N, D], got shape {tuple(x.shape)}")
-    return torch.nn.functional.normalize(x.flatten(1), dim=-1)
+    x = x.flatten(1)
+    if centre is not None:
+        x = x - _flat_centre(centre, x.shape[1])
+    return torch.nn.functional.normalize(x, dim=-1)
 
 
-def cosine_scores(query: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Query memories [Q, n_mem, H] vs documents [N, n_mem, H] or [N, D] -> cosine [Q, N]."""
-    q, d = flatten_normalize(query), flatten_normalize(docs)
+def _flat_centre(centre: torch.Tensor | np.ndarray, values: int) -> torch.Tensor:
+    c = _as_tensor(centre).flatten()
+    if c.numel() != values:
+        raise ClaraError(f"the model's retrieval centre has {c.numel()} values, its memories {values}")
+    return c
+
+
+def cosine_scores(query: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray,
+                  centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Query memories [Q, n_mem, H] vs documents [N, n_mem, H] or [N, D] -> cosine [Q, N] (of x - centre)."""
+    q, d = flatten_normalize(query, centre), flatten_normalize(docs, centre)
     if q.shape[1] != d.shape[1]:
         raise ClaraError(f"query memories have {q.shape[1]} values, documents {d.shape[1]}")
     return q @ d.T
@@ -49,11 +68,13 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
 
-def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int,
+def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int, centre: torch.Tensor | None = None,
            use_faiss: bool = False, faiss_index: str = "Flat") -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k live chunks per query: (cosine [Q, k'], chunk ids [Q, k'] int64), k' = min(k, live chunks)."""
+    """Top-k live chunks per query: (cosine [Q, k'], chunk ids [Q, k'] int64), k' = min(k, live chunks).
+
+    `centre`: the model's retrieval centre [n_mem, H] (`Backend.retrieval_centre`), or None for raw cosine."""
     spec = store.spec
-    q = flatten_normalize(query_memories)
+    q = flatten_normalize(query_memories, centre)
     if q.shape[1] != spec.n_mem * spec.hidden:
         raise ClaraError(f"query memories of {q.shape[1]} values do not match store {store.path} "
                          f"({spec.n_mem} x {spec.hidden})")
@@ -64,15 +85,19 @@ def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int
     if k == 0:
         return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.int64)
     if use_faiss:
-        return _faiss_search(store, records, live, q, k, faiss_index)
+        return _faiss_search(store, records, live, q, k, faiss_index, centre)
+    c = torch.zeros(q.shape[1]) if centre is None else _flat_centre(centre, q.shape[1])
+    probes = torch.cat([q, c[None]])  # [Q + 1, D]: the last row gives d.c for the centred norms
+    q_dot_c, c_sq = (q @ c)[:, None], float(c @ c)
     block = max(1, BLOCK_VALUES // q.shape[1])
     buf = torch.empty(block, q.shape[1])
     best_s = torch.full((q.shape[0], 0), -torch.inf)
     best_i = torch.empty((q.shape[0], 0), dtype=torch.int64)
     for start in range(0, len(records), block):
         part = records[start:start + block]
-        scores = q @ decode(part, spec, out=buf[:len(part)]).T
-        scores *= torch.from_numpy(1.0 / np.maximum(part["norm"].astype(np.float32), 1e-30))
+        dots = probes @ decode(part, spec, out=buf[:len(part)]).T  # [Q + 1, b]
+        norm_sq = torch.from_numpy(part["norm"].astype(np.float32)) ** 2 - 2 * dots[-1] + c_sq
+        scores = (dots[:-1] - q_dot_c) * norm_sq.clamp(min=1e-30).rsqrt()
         dead = ~live[start:start + len(part)]
         if dead.any():
             scores[:, torch.from_numpy(dead)] = -torch.inf
@@ -83,19 +108,20 @@ def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int
 
 
 def _faiss_search(store: MemoryStore, records: np.ndarray, live: np.ndarray, q: torch.Tensor, k: int,
-                  spec_string: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  spec_string: str, centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         import faiss
     except ImportError:
         raise ClaraError("faiss is not installed: pip install 'clara-edge[faiss]' (or search without it)") from None
-    key = (len(records), hash(live.tobytes()), spec_string)
+    centre_key = None if centre is None else hash(_as_tensor(centre).numpy().tobytes())
+    key = (len(records), hash(live.tobytes()), spec_string, centre_key)
     hit = _FAISS.get(store)
     if hit is None or hit[0] != key:
         rows = np.flatnonzero(live)
         block = max(1, BLOCK_VALUES // q.shape[1])
 
         def unit_rows(start: int, stop: int) -> np.ndarray:
-            return flatten_normalize(decode(records[rows[start:stop]], store.spec)).numpy()
+            return flatten_normalize(decode(records[rows[start:stop]], store.spec), centre).numpy()
 
         try:
             index = faiss.index_factory(q.shape[1], spec_string, faiss.METRIC_INNER_PRODUCT)

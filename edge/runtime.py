@@ -76,7 +76,7 @@ class Runtime:
         start = time.perf_counter()
         query = self.backend.encode_query([question])
         encoded = time.perf_counter()
-        scores, ids = search(self.store, query, top_k or budget.max_docs)
+        scores, ids = search(self.store, query, top_k or budget.max_docs, self.backend.retrieval_centre)
         retrieved = time.perf_counter()
         scores, ids = scores[0].tolist(), ids[0].tolist()
         if not ids:

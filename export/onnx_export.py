@@ -36,7 +36,7 @@ from torch import nn
 from clara_edge.backend import EXPORT_MANIFEST
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
-from clara_edge.onnx_backend import (EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION,
+from clara_edge.onnx_backend import (CENTRE_FILE, EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION,
                                      SPECIAL_EMBEDDINGS_FILE, TOKENIZER_DIR)
 from clara_edge.prompt import special_tokens
 
@@ -296,6 +296,8 @@ def write_common(model: ClaraModel, out: Path, quant: str) -> None:
     model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     write_table(out, model.input_embeddings.weight.detach().to("cpu", torch.float32).numpy(), quant)
     np.save(out / SPECIAL_EMBEDDINGS_FILE, model.special_embeddings.detach().to("cpu", torch.float32).numpy())
+    if model.retrieval_centre is not None:
+        np.save(out / CENTRE_FILE, model.retrieval_centre.to(torch.float32).numpy())
 
 
 def finish_export(out: Path, final: str | Path, manifest: dict) -> Path:

@@ -11,7 +11,10 @@
     stage "retrieval" not in the paper: only the query adapter, on the gold documents' labels, by InfoNCE over
                       every memory of the bank (the frozen compressor's, as in stage 3; temperature `tau`). The
                       generator is not run and not changed, so answers from given documents stay as they were;
-                      it is the cheap lever when stage 3's answer loss has not taught retrieval yet.
+                      it is the cheap lever when stage 3's answer loss has not taught retrieval yet. With
+                      `centre`, the model's retrieval centre becomes the bank's mean memory, subtracted from
+                      both sides before cosine here and wherever the model retrieves (clara_edge.retrieval);
+                      `candidate_weight` adds InfoNCE over each question's own candidates (hard negatives).
     stage "text"      the baseline for `--mode text-tuned`: only the generator adapter, reading the documents
                       as text (same data and targets as "instruct").
 
@@ -69,8 +72,8 @@ STAGE_DEFAULTS: dict[str, dict] = {
                  "reset": ["generator"], **_QA_DATA},
     "e2e": {"trainable": ["query", "generator"], "init_query_from": "compressor", "candidates": 10,
             "temperature": 0.02, "lr": 5e-6, "schedule": "constant", **_QA_DATA, "questions_per_passage": 1},
-    "retrieval": {"trainable": ["query"], "candidates": 10, "tau": 0.05, **_QA_DATA, "questions_per_passage": 4,
-                  "multihop_repeat": 1},
+    "retrieval": {"trainable": ["query"], "candidates": 10, "tau": 0.05, "centre": False, "candidate_weight": 0.0,
+                  **_QA_DATA, "questions_per_passage": 4, "multihop_repeat": 1},
     "text": {"trainable": ["generator"], **_QA_DATA},
 }
 BANK_STAGES = ("e2e", "retrieval")  # stages that read the frozen compressor's memories of their candidates
@@ -204,7 +207,8 @@ class StageModule(nn.Module):
         memories = None
         if stage["kind"] == "retrieval":  # the query adapter alone, against the whole bank
             ids, mask = m.pad_left(batch["query"])
-            nce = bank_nce(m.encode_ids("query", ids, mask), self.bank, batch["gold"], stage["tau"])
+            nce = bank_nce(m.encode_ids("query", ids, mask), self.bank, batch["gold"], stage["tau"], m.retrieval_centre,
+                           batch["cands"], stage["candidate_weight"])
             return {"loss": nce, "ce": zero, "mse": zero, "kl": zero,
                     "tokens": torch.tensor(float(mask.sum()), device=m.device)}
         if batch["docs"]:  # stages 1-2: compress the documents, with the compressor's side loss
@@ -237,7 +241,8 @@ class StageModule(nn.Module):
         index = torch.tensor([c + [0] * (n - len(c)) for c in cands], device=query.device)
         valid = torch.tensor([[j < len(c) for j in range(n)] for c in cands], device=query.device)
         pool = self.bank[index].to(query.dtype) * valid[..., None, None]  # [B, N, M, H]
-        weights = straight_through_topk(cosine_scores(query, pool, valid), self.stage["k"], self.stage["temperature"])
+        scores = cosine_scores(query, pool, valid, self.clara.retrieval_centre)
+        weights = straight_through_topk(scores, self.stage["k"], self.stage["temperature"])
         return torch.einsum("bkn,bnmh->bkmh", weights.to(pool.dtype), pool)
 
     @torch.no_grad()
@@ -384,6 +389,8 @@ class Run:
                  else build_model(self.model_config(), device, "fp32", seed=self.seed))
         samples = self.samples(stage, model)
         bank, bank_index = self.memory_bank(model, samples) if stage["kind"] in BANK_STAGES else (None, None)
+        if stage.get("centre"):
+            model.retrieval_centre = bank.mean(0).cpu()
         mode = {"e2e": "select", "retrieval": "retrieve", "text": "text"}.get(stage["kind"], "memory")
         encoded = [data.encode(model, s, mode, stage["max_target_tokens"], stage.get("k", 0), bank_index,
                                with_teacher=bool(stage["kl_weight"])) for s in samples]

@@ -214,7 +214,7 @@ class Encoded:
     n_prompt: int                                      # labels start here
     docs: list[list[int]] = field(default_factory=list)  # compressor inputs (stages 1-2)
     query: list[int] = field(default_factory=list)       # query-encoder input (stage 3)
-    cands: list[int] = field(default_factory=list)       # candidate rows of the memory bank (stage 3)
+    cands: list[int] = field(default_factory=list)       # candidate rows of the memory bank (stage 3, retrieval)
     gold: list[int] = field(default_factory=list)        # bank rows of the gold documents (retrieval stage)
     teacher_seq: list[int] = field(default_factory=list)  # text prompt + the same target (KL option)
     teacher_n_prompt: int = 0
@@ -238,7 +238,7 @@ def encode(model, sample: Sample, mode: str, max_target_tokens: int, k: int = 0,
     out, no memory)."""
     if mode == "retrieve":
         return Encoded([], 0, query=model.tokenize_documents([sample.prompt])[0],
-                       gold=[bank_index[d] for d in sample.gold])
+                       cands=[bank_index[d] for d in sample.docs], gold=[bank_index[d] for d in sample.gold])
     target = target_ids(model, sample.target, max_target_tokens)
     if mode == "text":
         prompt = model.text_prompt_ids(sample.prompt, sample.docs)

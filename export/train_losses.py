@@ -6,7 +6,8 @@
     straight-through top-k   hard top-k forward; backward through a sequential softmax over the candidates not
                      yet chosen, at temperature 0.02 (CLaRa; no Gumbel noise)
     bank InfoNCE     the retrieval stage: -log of the softmax mass (cosine / tau over every document of the
-                     memory bank) on a question's gold documents
+                     memory bank) on a question's gold documents; optionally plus the same over the
+                     question's own candidates alone (its hard negatives: the distractors an eval row offers)
 """
 from __future__ import annotations
 
@@ -55,11 +56,19 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
 
 
-def cosine_scores(query: torch.Tensor, cands: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Query memories [B, M, H] vs candidate memories [B, N, M, H] (flattened, slot i with slot i) -> [B, N];
-    -inf where `valid` [B, N] is False."""
-    q = F.normalize(query.flatten(1).float(), dim=-1)
-    c = F.normalize(cands.flatten(2).float(), dim=-1)
+def _unit(x: torch.Tensor, centre: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """Flatten the last two dims (M, H) of x, subtract the flattened centre [M, H] if any, L2-normalise."""
+    flat = x.flatten(dims).float()
+    if centre is not None:
+        flat = flat - centre.to(flat.device, torch.float32).flatten()
+    return F.normalize(flat, dim=-1)
+
+
+def cosine_scores(query: torch.Tensor, cands: torch.Tensor, valid: torch.Tensor,
+                  centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Query memories [B, M, H] vs candidate memories [B, N, M, H] (flattened, slot i with slot i, minus the
+    retrieval centre [M, H] if any) -> [B, N]; -inf where `valid` [B, N] is False."""
+    q, c = _unit(query, centre, 1), _unit(cands, centre, 2)
     return torch.einsum("bd,bnd->bn", q, c).masked_fill(~valid, float("-inf"))
 
 
@@ -76,15 +85,32 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float = 0.0
     return hard + (soft - soft.detach())
 
 
-def bank_nce(query: torch.Tensor, bank: torch.Tensor, gold: Sequence[Sequence[int]], tau: float) -> torch.Tensor:
-    """Query memories [B, M, H] vs the whole bank [N, M, H] (flattened cosine, as retrieval scores them):
-    mean over the batch of logsumexp(all / tau) - logsumexp(gold / tau); several gold rows share the mass."""
-    q = F.normalize(query.flatten(1).float(), dim=-1)
-    d = F.normalize(bank.flatten(1).float(), dim=-1)
-    logits = q @ d.T / tau  # [B, N]
-    positive = torch.zeros_like(logits, dtype=torch.bool)
-    for row, rows in enumerate(gold):
-        positive[row, list(rows)] = True
+def bank_nce(query: torch.Tensor, bank: torch.Tensor, gold: Sequence[Sequence[int]], tau: float,
+             centre: torch.Tensor | None = None, candidates: Sequence[Sequence[int]] | None = None,
+             candidate_weight: float = 0.0) -> torch.Tensor:
+    """Query memories [B, M, H] vs the whole bank [N, M, H] (flattened cosine minus the retrieval centre, as
+    retrieval scores them): mean over the batch of logsumexp(all / tau) - logsumexp(gold / tau); several gold
+    rows share the mass. With `candidate_weight`, plus that weight x the same loss over each question's
+    `candidates` (bank rows, gold ones included) alone."""
+    logits = _unit(query, centre, 1) @ _unit(bank, centre, 1).T / tau  # [B, N]
+    positive = _rows_mask(logits, gold)
     if not bool(positive.any(-1).all()):
         raise ValueError("every question needs at least one gold document in the bank")
+    loss = _nce(logits, positive)
+    if candidate_weight:
+        inside = _rows_mask(logits, candidates)
+        if bool((positive & ~inside).any()):
+            raise ValueError("a question's gold documents must be among its candidates")
+        loss = loss + candidate_weight * _nce(logits.masked_fill(~inside, float("-inf")), positive)
+    return loss
+
+
+def _rows_mask(logits: torch.Tensor, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    for row, cols in enumerate(rows):
+        mask[row, list(cols)] = True
+    return mask
+
+
+def _nce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return (logits.logsumexp(-1) - logits.masked_fill(~positive, float("-inf")).logsumexp(-1)).mean()

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from peft import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from clara_edge.checkpoint import (ADAPTERS_FILE, CONFIG_FILE, EMBEDDINGS_FILE, build_model, import_clara,
                                    load_checkpoint, load_model, save_checkpoint)
@@ -51,6 +52,18 @@ def test_fp16_checkpoint_is_close(tmp_path):
     m = _model(_base(tmp_path))
     loaded = load_checkpoint(save_checkpoint(m, tmp_path / "ck"))
     torch.testing.assert_close(m.compress(DOCS), loaded.compress(DOCS), atol=2e-2, rtol=2e-2)
+
+
+def test_the_retrieval_centre_round_trips_in_fp32(tmp_path):
+    m = _model(_base(tmp_path))
+    assert load_checkpoint(save_checkpoint(m, tmp_path / "plain")).retrieval_centre is None
+    m.retrieval_centre = torch.randn(m.config.n_mem, m.hidden_size) * 1e-3 + 1.0  # not representable in fp16
+    out = save_checkpoint(m, tmp_path / "centred")  # an fp16 checkpoint: the centre stays exact
+    assert torch.equal(load_checkpoint(out).retrieval_centre, m.retrieval_centre)
+    tensors = load_file(out / EMBEDDINGS_FILE)
+    save_file({**tensors, "retrieval_centre": torch.zeros(2, 3)}, out / EMBEDDINGS_FILE)
+    with pytest.raises(ClaraError, match="retrieval centre of shape"):
+        load_checkpoint(out)
 
 
 def test_load_model_rejects_wrong_compression(tmp_path):

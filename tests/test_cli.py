@@ -55,6 +55,7 @@ def test_info_on_a_base_folder(tiny_base_dir, capsys):
     assert main(["info", "--model", str(tiny_base_dir), "--compression", "32", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["compression_rate"] == 32 and info["backend"] == "torch" and len(info["fingerprint"]) == 32
+    assert info["retrieval"] == "cosine"  # an untrained base has no retrieval centre
 
 
 def test_models_lists_the_builtin(capsys, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ def test_default_is_the_shipped_trained_model(default_model):
     assert (default_checkpoint(16) / "adapters.safetensors").is_file()
     assert any(bool(p.abs().max() > 0) for n, p in default_model.lm.named_parameters() if "lora_B" in n)
     assert default_model.config.extra["command"].startswith("clara-edge train --recipe")
+    assert default_model.retrieval_centre.shape == (16, 576)  # its retrieval stage trained on centred cosine
 
 
 def test_compress_200_token_passage_at_cr16(default_model):

@@ -75,6 +75,38 @@ def test_clara_retriever_finds_identical_text(model):
     assert [x["retrieved"] for x in r["rows"]] == [[1]] * 4
 
 
+def test_clara_rankings_follow_the_models_retrieval_centre(model, monkeypatch):
+    from clara_edge.retrieval import cosine_scores
+    rows = nq_like_rows(5)
+    docs = model.compress(FACTS[:5])
+    queries = model.encode_query([FACTS[(i + 1) % 5] + " " + FACTS[i] for i in range(5)])
+    centre = docs.mean(0)  # even a random model's memories share a direction (cosine 0.85-0.96 here)
+    ranked = {c is None: cosine_scores(queries, docs, c).argsort(dim=1, descending=True, stable=True)[:, :3].tolist()
+              for c in (None, centre)}
+    assert ranked[True] != ranked[False]  # this centre reorders candidates, so the check below can fail
+    rows = [parse_row({"id": r.id, "question": FACTS[(i + 1) % 5] + " " + FACTS[i], "golden_answers": ["a"],
+                       "docs": [{"title": "", "text": FACTS[i]}], "pos_index": [0]}) for i, r in enumerate(rows)]
+    monkeypatch.setattr(model, "retrieval_centre", centre)
+    r = evaluate(model, rows, "clara", top_k=3, progress=False, max_new_tokens=1, keep_rows=True)
+    assert [x["retrieved"] for x in r["rows"]] == ranked[False]
+
+
+@pytest.mark.parametrize("mode", ["clara", "text"])
+def test_retrieval_only_scores_recall_and_generates_nothing(model, monkeypatch, mode):
+    rows = multi_doc_rows(4)
+    full = evaluate(model, rows, mode, "clara", progress=False, max_new_tokens=1)
+    monkeypatch.setattr(model, "generate", None)  # any generation would now fail
+    monkeypatch.setattr(model, "generate_text_rag", None)
+    fast = evaluate(model, rows, mode, "clara", progress=False, retrieval_only=True, keep_rows=True)
+    assert (fast["recall@1"], fast["recall@5"]) == (full["recall@1"], full["recall@5"])
+    assert fast["em"] is fast["f1"] is fast["context_positions_mean"] is None
+    assert fast["effective_compression_mean"] == full["effective_compression_mean"]
+    assert fast["rows"][0]["prediction"] is None
+    for mode, retriever, message in (("clara", "oracle", "ranking retriever"), ("closed-book", None, "retrieves nothing")):
+        with pytest.raises(ClaraError, match=message):
+            evaluate(model, rows, mode, retriever, progress=False, retrieval_only=True)
+
+
 def test_memories_cached_per_unique_document_and_match_compress(model, monkeypatch):
     rows = nq_like_rows(5)
     cands = build_candidates(rows)

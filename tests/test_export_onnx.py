@@ -21,7 +21,7 @@ from clara_edge.backend import EXPORT_MANIFEST, open_backend  # noqa: E402
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.onnx_export import trace_graphs, write_onnx_export  # noqa: E402
 from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
-from clara_edge.onnx_backend import OnnxBackend  # noqa: E402
+from clara_edge.onnx_backend import CENTRE_FILE, OnnxBackend  # noqa: E402
 from clara_edge.prefix_cache import PrefixCache  # noqa: E402
 
 DOCS = ["The Eiffel Tower is in Paris, the capital of France.",
@@ -154,6 +154,21 @@ def test_manifest_and_shared_weights():
     assert isinstance(backend, OnnxBackend) and backend.name == "onnx"
     assert backend.fingerprint() == model.fingerprint()
     assert backend.config == model.config
+
+
+def test_the_retrieval_centre_travels_with_the_export(tmp_path):
+    model, traced = tiny_traced("llama", "shared")
+    assert OnnxBackend(tiny_onnx_export("fp32")[1]).retrieval_centre is None
+    centre = torch.randn(model.config.n_mem, model.hidden_size)
+    model.retrieval_centre = centre
+    try:
+        path = write_onnx_export(model, traced, tmp_path / "centred", "fp32")
+    finally:
+        model.retrieval_centre = None
+    assert torch.equal(OnnxBackend(path).retrieval_centre, centre)
+    np.save(path / CENTRE_FILE, np.zeros((2, 3), np.float32))
+    with pytest.raises(ClaraError, match="retrieval_centre.npy"):
+        OnnxBackend(path)
 
 
 def test_embedding_lookup_matches_model():

@@ -75,6 +75,23 @@ def test_search_equals_brute_force(store, monkeypatch, block_values):
     torch.testing.assert_close(scores, expect_scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("store", ["fp16", "int8"], indirect=True)
+def test_search_with_a_centre_equals_brute_force(store):
+    """Centred cosine over a store whose norms are of the raw memories = cosine of x - c on both sides."""
+    records, live = store.snapshot()
+    docs = store.memories(np.flatnonzero(live).tolist())
+    centre = docs.mean(0) + 0.05 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    queries = memories(5, 99, SPEC)
+    scores, ids = search(store, queries, 6, centre)
+    expect = cosine_scores(queries, docs, centre)
+    values, pos = top_k(expect, 6)
+    assert ids.tolist() == torch.from_numpy(np.flatnonzero(live))[pos].tolist()
+    torch.testing.assert_close(scores, values, atol=1e-5, rtol=0)
+    assert not torch.allclose(scores, search(store, queries, 6)[0], atol=1e-3)  # the centre changed the scores
+    with pytest.raises(ClaraError, match="retrieval centre has 48 values"):
+        search(store, queries, 6, torch.zeros(3, 16))
+
+
 def test_search_finds_the_document_itself(store):
     mem = store.memories(list(range(42)))
     scores, ids = search(store, mem[[3, 17, 40]], 1)
@@ -111,5 +128,7 @@ def test_faiss_path_agrees_with_exact(store):
     torch.testing.assert_close(faiss_s, exact_s, atol=1e-4, rtol=0)
     store.delete_source("src1")  # the cached index follows the store's state
     assert not set(search(store, queries, 30, use_faiss=True)[1].flatten().tolist()) & set(range(7, 14))
+    centre = torch.randn(4, 16)
+    assert search(store, queries, 5, centre, use_faiss=True)[1].tolist() == search(store, queries, 5, centre)[1].tolist()
     with pytest.raises(ClaraError, match="faiss index 'Nonsense'"):
         search(store, queries, 5, use_faiss=True, faiss_index="Nonsense")

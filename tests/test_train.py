@@ -141,6 +141,33 @@ def test_bank_nce_by_hand():
         bank_nce(query, bank, [[1], []], tau)
 
 
+def test_bank_nce_over_the_questions_own_candidates_by_hand():
+    gen = torch.Generator().manual_seed(2)
+    query, bank = torch.randn(2, 3, 4, generator=gen), torch.randn(6, 3, 4, generator=gen)
+    gold, cands, tau = [[1], [0, 4]], [[1, 2, 5], [0, 3, 4]], 0.1
+    cos = torch.nn.functional.cosine_similarity(query.flatten(1)[:, None], bank.flatten(1)[None], dim=-1)
+    p0, p1 = (cos[0, cands[0]] / tau).softmax(-1), (cos[1, cands[1]] / tau).softmax(-1)
+    in_set = -(p0[0].log() + (p1[0] + p1[2]).log()) / 2
+    torch.testing.assert_close(bank_nce(query, bank, gold, tau, None, cands, 0.5),
+                               bank_nce(query, bank, gold, tau) + 0.5 * in_set)
+    with pytest.raises(ValueError, match="among its candidates"):
+        bank_nce(query, bank, gold, tau, None, [[2, 5], [0, 3, 4]], 1.0)
+
+
+def test_centred_losses_are_the_raw_ones_of_centred_memories():
+    """Training scores exactly what retrieval scores: cosine of (x - centre) on both sides."""
+    from clara_edge.export.train_losses import cosine_scores as candidate_scores
+    from clara_edge.retrieval import cosine_scores
+    gen = torch.Generator().manual_seed(1)
+    query, bank, centre = torch.randn(2, 3, 4, generator=gen), torch.randn(5, 3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    gold = [[1], [0, 4]]
+    assert torch.allclose(bank_nce(query, bank, gold, 0.1, centre), bank_nce(query - centre, bank - centre, gold, 0.1))
+    assert not torch.allclose(bank_nce(query, bank, gold, 0.1, centre), bank_nce(query, bank, gold, 0.1))
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(candidate_scores(query, bank.expand(2, -1, -1, -1), valid, centre),
+                               cosine_scores(query, bank, centre))
+
+
 def test_labels_cover_only_the_target():
     labels = left_pad_labels([[5, 6, 7, 8], [9, 10]], [2, 1], "cpu")
     assert labels.tolist() == [[-100, -100, 7, 8], [-100, -100, -100, 10]]
@@ -234,6 +261,8 @@ def test_full_run_writes_every_stage(full_run):
         assert not (full_run / name / "state").exists()
     model = load_checkpoint(full_run / "final")
     assert model.config.extra["command"] == "clara-edge train --recipe tiny --compression 16"
+    assert load_checkpoint(full_run / "3-e2e" / "model").retrieval_centre is None  # set by the centred retrieval stage
+    assert model.retrieval_centre.shape == (model.config.n_mem, model.hidden_size)
     assert next(iter(load_file(full_run / "final" / ADAPTERS_FILE).values())).dtype == torch.float16
     answer = model.generate(["Where is the Eiffel Tower?"], [model.compress([FACTS[0][1], FACTS[1][1]])],
                             max_new_tokens=4)
@@ -252,10 +281,10 @@ def test_trained_parameters_change_and_frozen_ones_do_not(env):
     before["special_embeddings"] = initial.special_embeddings.detach()
     expected = {"1-scp": {"compressor", "generator", "special_embeddings"},
                 "2-instruct": {"compressor", "generator", "special_embeddings"},
-                "3-e2e": {"query", "generator"}, "4-retrieval": {"query"}}
+                "3-e2e": {"query", "generator"}, "4-retrieval": {"query", "retrieval_centre"}}
     for stage in STAGES:
         after = tensors(out / stage / "model")
-        moved = {name.split(".")[0] for name in after if not torch.equal(after[name], before[name])}
+        moved = {name.split(".")[0] for name in after if name not in before or not torch.equal(after[name], before[name])}
         assert moved == expected[stage], stage
         assert load_checkpoint(out / stage / "model").base_fingerprint == initial.base_fingerprint
         before = after
