@@ -7,7 +7,8 @@ Modes (who answers, and from what):
                model whose generator adapter was fine-tuned on the same training data in text form, so that
                no comparison rewards answer-format tuning alone;
   closed-book  the bare base LM asked the question with no documents (the floor).
-Retrievers: bm25 (bm25s over the candidates), clara (cosine of flattened query / document memories),
+Retrievers: bm25 (bm25s over the candidates), clara (cosine of flattened query / document memories,
+minus the model's retrieval centre when it has one),
 oracle (the gold documents, in pos_index order; for debugging and parity). Defaults: clara -> clara,
 text / text-tuned -> bm25, closed-book -> none.
 
