@@ -381,14 +381,16 @@ def export_cache() -> Path:
 
 
 def _cached(model, backend: str) -> Path | None:
-    """The cached export of `model` for `backend`, if one exists, is whole and was made from this model."""
-    from clara_edge.backend import export_manifest
+    """The cached export of `model` for `backend`, if one exists, is whole and was made from this model by
+    this exporter."""
+    from clara_edge.backend import EXPORTER_REVISION, export_manifest
     from clara_edge.errors import ClaraError
     from clara_edge.model import ROLES
     path = export_cache() / f"{model.fingerprint(ROLES)}-{backend}"
     try:
         manifest = export_manifest(path)
-        if manifest is None or manifest.get("model_fingerprint") != model.fingerprint(ROLES):
+        if manifest is None or manifest.get("model_fingerprint") != model.fingerprint(ROLES) \
+                or manifest.get("exporter_revision", 1) != EXPORTER_REVISION:
             return None
         if manifest.get("format") == "onnx":
             from clara_edge.onnx_backend import read_manifest

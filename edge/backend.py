@@ -16,6 +16,7 @@ from .errors import ClaraError
 from .model import ClaraConfig, Generation
 
 EXPORT_MANIFEST = "clara_export.json"  # marks an export directory; it is itself a model
+EXPORTER_REVISION = 2  # bumped when exporting the same model gives different graphs (2: fused ONNX generator)
 BACKENDS = ("torch", "onnx", "coreml")
 
 

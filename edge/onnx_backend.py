@@ -303,6 +303,7 @@ class OnnxBackend(ExportedBackend):
         self.graphs: dict[str, str] = dict(self.manifest.get("graphs", {r: f"{r}.onnx" for r in ROLES}))
         self.num_layers = int(self.manifest["num_layers"])
         self.kv_shape = (int(self.manifest["num_kv_heads"]), int(self.manifest["head_dim"]))
+        self._rows_only = self.manifest.get("generator_graph") == "fused"  # see _generator_step
         self._sessions: dict = {}
 
     def session(self, role: str):
@@ -337,6 +338,13 @@ class OnnxBackend(ExportedBackend):
 
     def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                         state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        batch, step = embeds.shape[:2]
+        if self._rows_only and batch > 1 and step > 1 and next(iter(state.values())).shape[2] > 0:
+            # GroupQueryAttention reads a prompt on top of a past one row at a time (the prefix cache's case)
+            rows = [self._generator_step(embeds[i:i + 1], mask[i:i + 1], positions[i:i + 1],
+                                         {n: past[i:i + 1] for n, past in state.items()}) for i in range(batch)]
+            return (np.concatenate([logits for logits, _ in rows]),
+                    {n: np.concatenate([present[n] for _, present in rows]) for n in state})
         sess = self.session("generator")
         names = ["logits"] + [n.replace("past_", "present_", 1) for n in state]
         out = sess.run(names, {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": mask,

@@ -29,8 +29,8 @@ def _scope(node) -> str:
 def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = None) -> dict[str, str]:
     """MatMul nodes with a constant weight -> 'lora' | 'lm_head' | 'linear'.
 
-    Read off the exporter's name scopes; graphs without them (a written export) are classified by shape:
-    a LoRA matrix has the rank as one dimension, the lm_head the vocabulary as its output dimension.
+    Read off the exporter's name scopes or the weight's name; otherwise (a written traced export) by shape: a
+    LoRA matrix has the rank as one dimension, the lm_head the vocabulary as its output dimension.
     """
     consts = {t.name: t for t in model.graph.initializer}
     kinds = {}
@@ -40,8 +40,10 @@ def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = No
         scope, dims = _scope(node), list(consts[node.input[1]].dims)
         if scope:
             lora, head = "lora_A" in scope or "lora_B" in scope, "lm_head" in scope
-        else:
-            lora, head = lora_r in dims[-2:], bool(dims) and dims[-1] == vocab_size
+        else:  # `onnx_fused` names its weights after the modules; torch.onnx's written names say nothing
+            name = node.input[1]
+            lora = "lora_A" in name or "lora_B" in name or lora_r in dims[-2:]
+            head = "lm_head" in name or (bool(dims) and dims[-1] == vocab_size)
         kinds[node.name] = "lora" if lora else "lm_head" if head else "linear"
     return kinds
 

@@ -170,3 +170,19 @@ def test_accuracy_targets_follow_the_issue():
                    "R@5 clara CR16 / BM25, hotpotqa": (0.75, False),
                    "F1 clara CR16 / text RAG (BM25 top-5), nq": (0.9, False),
                    "F1 clara CR64 / text RAG (BM25 top-5), nq": (None, None)}  # not measured
+
+
+def test_cached_exports_must_come_from_this_model_and_exporter(monkeypatch, tmp_path):
+    from clara_edge.backend import EXPORT_MANIFEST, EXPORTER_REVISION
+    from clara_edge.bench import latency
+
+    monkeypatch.setattr(latency, "export_cache", lambda: tmp_path)
+    model = types.SimpleNamespace(fingerprint=lambda roles=None: "abc")
+    folder = tmp_path / "abc-coreml"
+    folder.mkdir()
+    for manifest, hit in (({"model_fingerprint": "abc", "exporter_revision": EXPORTER_REVISION}, True),
+                          ({"model_fingerprint": "abc"}, False),  # made before revisions were recorded
+                          ({"model_fingerprint": "abc", "exporter_revision": EXPORTER_REVISION - 1}, False),
+                          ({"model_fingerprint": "xyz", "exporter_revision": EXPORTER_REVISION}, False)):
+        (folder / EXPORT_MANIFEST).write_text(json.dumps({"format": "coreml", **manifest}))
+        assert (latency._cached(model, "coreml") == folder) is hit

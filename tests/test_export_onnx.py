@@ -148,8 +148,10 @@ def test_manifest_and_shared_weights():
     assert m["eos_ids"] == model.eos_ids()
     assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (2, 2, 8)
     assert {"compressor.onnx", "query.onnx", "generator.onnx", "weights.bin", "embeddings.npy"} <= set(m["files"])
-    # the three roles reference the same base weights, stored once
-    assert m["weights_referenced_bytes"] > 2 * m["weights_unique_bytes"]
+    assert m["generator_graph"] == "fused"
+    # the three roles reference the same base weights, stored once: two of three copies saved
+    base = sum(p.numel() * 4 for n, p in model.lm.named_parameters() if "base_layer" in n)
+    assert m["weights_referenced_bytes"] - m["weights_unique_bytes"] >= 2 * base
     backend = open_backend(str(path))
     assert isinstance(backend, OnnxBackend) and backend.name == "onnx"
     assert backend.fingerprint() == model.fingerprint()
@@ -344,7 +346,41 @@ def test_merged_lora_matches_torch_and_is_larger():
 def test_other_families_fp32(family):
     model, path = tiny_onnx_export("fp32", family=family)
     backend = OnnxBackend(path)
+    assert backend.manifest["generator_graph"].startswith("traced (model type" if family == "phi3" else "fused")
     assert _max_abs(model.compress(DOCS), backend.compress(DOCS)) < 1e-4
     mem = model.compress(DOCS[:2])
     ref = model.generate(QUESTIONS[:2], [mem[:1], mem], max_new_tokens=8)
     assert backend.generate(QUESTIONS[:2], [mem[:1], mem], max_new_tokens=8).token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_generator_computes_what_torch_traces(family):
+    """The exported generator (ORT fused operators) against torch.onnx's trace of the same model: a left-padded
+    batch prefill, decode steps, then prompts on top of a past (one row, and a batch the backend splits into
+    rows, which GroupQueryAttention cannot take at once); logits and caches alike (qwen2 adds q/k/v biases)."""
+    import onnxruntime as ort
+
+    model, path = tiny_onnx_export("fp32", family=family)
+    backend = OnnxBackend(path)
+    assert backend.manifest["generator_graph"] == "fused"
+    traced = ort.InferenceSession(trace_graphs(model, fused=False).protos["generator"].SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 0), np.int64)
+    state = backend._generator_state(2)
+    for i, (rows, step) in enumerate((([0, 1], 5), ([0, 1], 1), ([0, 1], 1), ([1], 3), ([0, 1], 3))):
+        new = np.ones((2, step), np.int64)
+        new[0, :2 if i == 0 else 0] = 0  # row 0 starts with two pad positions
+        total = np.concatenate([mask, new], axis=1)
+        embeds = rng.standard_normal((len(rows), step, model.hidden_size)).astype(np.float32)
+        positions = np.clip(total.cumsum(-1) - 1, 0, None)[rows, -step:]
+        past = {name: v[rows] for name, v in state.items()}
+        logits, present = backend._generator_step(embeds, total[rows], positions, past)
+        ref = traced.run(None, {"inputs_embeds": embeds, "attention_mask": total[rows], "position_ids": positions,
+                                **past})
+        assert _max_abs(logits, ref[0]) < 1e-4
+        real = total[rows].astype(bool)  # pad positions hold no-one's keys (each graph fills them its own way)
+        assert all(_max_abs(present[n][j][:, real[j]], r[j][:, real[j]]) < 1e-4
+                   for n, r in zip(present, ref[1:]) for j in range(len(rows)))
+        if rows == [0, 1]:
+            state, mask = present, total
