@@ -182,8 +182,8 @@ def build_generator(model: ClaraModel, role: str = "generator", lora: str = "sha
                 (act,) = g.op("Mul", [act, up])
                 residual = _linear(g, act, mlp.down_proj, f"{prefix}.down_proj", role, merge)
     # logits of the last position only
-    last = [g.op("Slice", [t, g.const(f"last_{j}", np.array([-1], np.int64)), g.const(f"end_{j}", np.array(
-        [np.iinfo(np.int64).max], np.int64)), one])[0] for j, t in enumerate((residual, hidden))]
+    start, end = g.const("last", np.array([-1], np.int64)), g.const("end", np.array([np.iinfo(np.int64).max]))
+    last = [g.op("Slice", [t, start, end, one])[0] for t in (residual, hidden)]
     x, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [*last, g.const("norm", _weight(causal.model.norm.weight))],
                       n_out=4, domain=MS, epsilon=eps)
     (logits,) = g.op("MatMul", [x, g.const("lm_head.weight", _weight(causal.get_output_embeddings().weight).T)])
