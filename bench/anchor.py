@@ -69,9 +69,11 @@ def time_generation(llm, tokens: Sequence[int], max_new_tokens: int) -> tuple[fl
     start = time.perf_counter()
     first = None
     n = 0
+    steps = -1  # tokens after the first, the closing EOS included (clara's backends count decode_steps alike)
     for token in llm.generate(list(tokens), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
         if first is None:
             first = time.perf_counter()
+        steps += 1
         if token == eos:
             break
         n += 1
@@ -79,7 +81,7 @@ def time_generation(llm, tokens: Sequence[int], max_new_tokens: int) -> tuple[fl
             break
     end = time.perf_counter()
     first = first or end
-    decode = (n - 1) / (end - first) if n > 1 and end > first else None
+    decode = steps / (end - first) if steps > 0 and end > first else None
     return first - start, decode, n
 
 

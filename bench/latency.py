@@ -12,7 +12,9 @@ dev-set questions in turn), reported as mean ± std:
                    with the runtime's prefix cache: the KV of what the prompt shares with the previous
                    question's (the chat head, 37 positions for SmolLM2) is reused; reused_positions says how many
   ttft_cold_s      the same prompt prefilled whole (a fresh KV cache), measured just before
-  decode_tokens_per_s   tokens after the first / time after the first (null when one token came out)
+  decode_tokens_per_s   tokens after the first / time after the first, the closing EOS counted as generated
+                   (as the llama.cpp anchor counts it): an answer's every decode forward, so short answers are
+                   not under-rated (null when the first token ended the answer)
   e2e_s            query_encode_s + retrieval_s + the whole generate call (one answer of <= max_new_tokens)
   kv_bytes         2 * layers * kv_heads * head_dim * context positions * bytes per element (the prompt's
                    KV cache; the answer's tokens add the same per position)
@@ -310,7 +312,7 @@ def run_worker(spec: WorkerSpec) -> dict:
             samples["encode"].append(encode_s)
             samples["retrieval"].append(retrieval_s)
             samples["ttft"].append(gen.prefill_s)
-            samples["decode"].append((n - 1) / gen.decode_s if n > 1 and gen.decode_s > 0 else None)
+            samples["decode"].append(gen.decode_steps / gen.decode_s if gen.decode_steps and gen.decode_s > 0 else None)
             samples["e2e"].append(encode_s + retrieval_s + gen_s)
             samples["tokens"].append(n)
         row.positions = gen.context_positions[0]  # the last question's prompt (they differ by a few tokens)

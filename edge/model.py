@@ -74,6 +74,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     reused_positions: int = 0  # prompt positions whose KV came from a prefix cache (batch 1)
+    decode_steps: int = 0  # forwards after the first token, each picking one (an EOS too): decode_s covers them
 
     @property
     def new_tokens(self) -> int:
@@ -348,7 +349,7 @@ class ClaraModel(nn.Module):
         context = mask.sum(-1).tolist()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        reuse, past = 0, None
+        reuse, past, steps = 0, None, 0
         if prefix_cache is not None:
             reuse, past = prefix_cache.take(role, inputs_embeds)
             if past is not None:
@@ -378,12 +379,13 @@ class ClaraModel(nn.Module):
                 positions = positions[:, -1:] + 1
                 out = causal(inputs_embeds=self.embed(nxt.unsqueeze(1)), attention_mask=mask,
                              position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+                steps += 1
         end = time.perf_counter()
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, out.past_key_values)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)
+        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
 
     @contextmanager
     def _adapters_disabled_if(self, disabled: bool):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,7 @@ class ExportedBackend:
             return parts[0]
         return Generation([t for p in parts for t in p.texts], [t for p in parts for t in p.token_ids],
                           [c for p in parts for c in p.context_positions], sum(p.prefill_s for p in parts),
-                          sum(p.decode_s for p in parts))
+                          sum(p.decode_s for p in parts), decode_steps=sum(p.decode_steps for p in parts))
 
     def decode(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, role: str | None = "generator",
                max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -250,7 +251,7 @@ class ExportedBackend:
         context = mask_np.sum(-1).tolist()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
-        reuse, state = 0, None
+        reuse, state, steps = 0, None, 0
         if prefix_cache is not None:
             reuse, held = prefix_cache.take(role, inputs_embeds)
             state = self._crop_state(held, reuse) if held is not None else None
@@ -277,12 +278,13 @@ class ExportedBackend:
             positions = positions[:, -1:] + 1
             logits, state = self._generator_step(self.embed(torch.from_numpy(nxt[:, None])).numpy(), mask_np,
                                                  positions, state)
+            steps += 1
         end = time.perf_counter()
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, state)
         prefill_end = prefill_end or end
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse)
+        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
 
 
 class OnnxBackend(ExportedBackend):
@@ -303,7 +305,7 @@ class OnnxBackend(ExportedBackend):
         self.graphs: dict[str, str] = dict(self.manifest.get("graphs", {r: f"{r}.onnx" for r in ROLES}))
         self.num_layers = int(self.manifest["num_layers"])
         self.kv_shape = (int(self.manifest["num_kv_heads"]), int(self.manifest["head_dim"]))
-        self._rows_only = self.manifest.get("generator_graph") == "fused"  # see _generator_step
+        self._in_place = self.manifest.get("generator_graph") == "fused"  # see KVCache
         self._sessions: dict = {}
 
     def session(self, role: str):
@@ -329,24 +331,103 @@ class OnnxBackend(ExportedBackend):
     def _encode(self, role: str, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.session(role).run(["memories"], {"inputs_embeds": embeds, "attention_mask": mask})[0]
 
-    def _generator_state(self, batch: int) -> dict[str, np.ndarray]:
-        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
-        return {f"past_{kind}_{i}": empty for i in range(self.num_layers) for kind in ("key", "value")}
+    @cached_property
+    def _vocab(self) -> int:
+        return int(self.session("generator").get_outputs()[0].shape[-1])
 
-    def _crop_state(self, state: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        return {name: past[:, :, :n] for name, past in state.items()}
+    def _generator_state(self, batch: int) -> KVCache:
+        return KVCache.empty([f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")],
+                             batch, *self.kv_shape)
+
+    def _crop_state(self, state: KVCache, n: int) -> KVCache:
+        state.length = n  # the prefix cache handed the buffers over: the next step overwrites from n on
+        return state
 
     def _generator_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                        state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                        state: KVCache) -> tuple[np.ndarray, KVCache]:
         batch, step = embeds.shape[:2]
-        if self._rows_only and batch > 1 and step > 1 and next(iter(state.values())).shape[2] > 0:
+        feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": mask,
+                 "position_ids": positions.astype(np.int64, copy=False)}
+        if not self._in_place:  # the traced graph concatenates past and new positions into new arrays
+            names = ["logits"] + [n.replace("past_", "present_", 1) for n in state.arrays]
+            out = self.session("generator").run(names, {**feeds, **state.filled()})
+            return out[0].astype(np.float32, copy=False), KVCache(dict(zip(state.arrays, out[1:])), mask.shape[1])
+        state.reserve(mask.shape[1])
+        if batch > 1 and step > 1 and state.length > 0:
             # GroupQueryAttention reads a prompt on top of a past one row at a time (the prefix cache's case)
-            rows = [self._generator_step(embeds[i:i + 1], mask[i:i + 1], positions[i:i + 1],
-                                         {n: past[i:i + 1] for n, past in state.items()}) for i in range(batch)]
-            return (np.concatenate([logits for logits, _ in rows]),
-                    {n: np.concatenate([present[n] for _, present in rows]) for n in state})
+            logits = [self._generator_step(embeds[i:i + 1], mask[i:i + 1], positions[i:i + 1], state.row(i))[0]
+                      for i in range(batch)]
+            state.length = mask.shape[1]
+            return np.concatenate(logits), state
+        return self._run_in_place(feeds, state), state
+
+    def _run_in_place(self, feeds: dict[str, np.ndarray], state: KVCache) -> np.ndarray:
+        """One generator forward with past_* and present_* bound to the same buffers; -> logits [B, V]."""
         sess = self.session("generator")
-        names = ["logits"] + [n.replace("past_", "present_", 1) for n in state]
-        out = sess.run(names, {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": mask,
-                               "position_ids": positions.astype(np.int64, copy=False), **state})
-        return out[0].astype(np.float32, copy=False), dict(zip(state, out[1:]))
+        binding = sess.io_binding()
+        feeds = {name: np.ascontiguousarray(value) for name, value in feeds.items()}  # bound by address until run
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, buffer in state.ort_values().items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(name.replace("past_", "present_", 1), buffer)
+        logits = np.empty((feeds["inputs_embeds"].shape[0], self._vocab), np.float32)
+        binding.bind_ortvalue_output("logits", _ort_value(logits))
+        sess.run_with_iobinding(binding)
+        state.length = feeds["attention_mask"].shape[1]
+        return logits
+
+
+def _ort_value(array: np.ndarray):
+    from onnxruntime import OrtValue
+
+    return OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+
+
+class KVCache:
+    """The ONNX generator's KV cache: per layer key and value arrays [B, kv_heads, capacity, head_dim] whose first
+    `length` positions are filled.
+
+    The fused generator's GroupQueryAttention reads and extends these buffers in place (past_* and present_* bound
+    to the same memory), so a decode step copies no cache: that copy grew with the context and was a third of a
+    step at 1,800 positions. Capacity grows in steps of `GROWTH` positions; the traced graph returns new arrays
+    instead (capacity == length).
+    """
+
+    GROWTH = 256
+
+    def __init__(self, arrays: dict[str, np.ndarray], length: int) -> None:
+        self.arrays, self.length = arrays, length
+        self._ort_values: dict | None = None
+
+    @classmethod
+    def empty(cls, names: Sequence[str], batch: int, kv_heads: int, head_dim: int) -> KVCache:
+        return cls({name: np.zeros((batch, kv_heads, 0, head_dim), np.float32) for name in names}, 0)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.arrays.values())).shape[2]
+
+    def filled(self) -> dict[str, np.ndarray]:
+        """Each array's first `length` positions (views)."""
+        return {name: a[:, :, :self.length] for name, a in self.arrays.items()}
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` positions, keeping the filled ones."""
+        if total <= self.capacity:
+            return
+        capacity = -(-total // self.GROWTH) * self.GROWTH
+        grown = {}
+        for name, a in self.arrays.items():
+            grown[name] = np.zeros((a.shape[0], a.shape[1], capacity, a.shape[3]), a.dtype)
+            grown[name][:, :, :self.length] = a[:, :, :self.length]
+        self.arrays, self._ort_values = grown, None
+
+    def row(self, i: int) -> KVCache:
+        """Row i as a cache of its own over the same memory (writes land in this cache)."""
+        return KVCache({name: a[i:i + 1] for name, a in self.arrays.items()}, self.length)
+
+    def ort_values(self) -> dict:
+        if self._ort_values is None:
+            self._ort_values = {name: _ort_value(a) for name, a in self.arrays.items()}
+        return self._ort_values

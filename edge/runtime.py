@@ -60,7 +60,8 @@ class Runtime:
         """Answer `question` from the store; `top_k=None` takes as many documents as fit above `min_score`.
 
         stats: query_encode_s, retrieval_s, ttft_s (from the call to the first answer token, so it includes
-        encoding, retrieval and the generator's prefill), decode_tokens_per_s (tokens after the first),
+        encoding, retrieval and the generator's prefill), decode_tokens_per_s (tokens after the first, the closing EOS
+        included, over the time after the first),
         context_positions, reused_positions (of them, prefilled by an earlier question), memory_positions,
         effective_compression (document tokens per memory vector),
         peak_rss_mb.
@@ -106,7 +107,7 @@ class Runtime:
             "query_encode_s": encoded - start,
             "retrieval_s": retrieved - encoded,
             "ttft_s": ttft,
-            "decode_tokens_per_s": (n_tokens - 1) / (end - first[0]) if n_tokens > 1 and end > first[0] else 0.0,
+            "decode_tokens_per_s": out.decode_steps / out.decode_s if out.decode_steps and out.decode_s > 0 else 0.0,
             "new_tokens": n_tokens,
             "documents": k,
             "context_positions": out.context_positions[0],

@@ -362,8 +362,8 @@ def _probe(model: str, threads: int) -> dict:
     else:
         backend.eos_list = []
     gen = backend.generate([q], [mem], max_new_tokens=PROBE_TOKENS)
-    steps = max(gen.new_tokens - 1, 1)  # the first token comes out of prefill
-    return {"peak_rss_mb": round(peak_rss_mb(), 1), "tokens_per_s": round(steps / max(gen.decode_s, 1e-9), 2),
+    return {"peak_rss_mb": round(peak_rss_mb(), 1),
+            "tokens_per_s": round(max(gen.decode_steps, 1) / max(gen.decode_s, 1e-9), 2),
             "prefill_s": round(gen.prefill_s, 4), "prompt_positions": gen.context_positions[0],
             "import_rss_mb": round(import_rss, 1), "load_s": round(load_s, 2), "threads": threads,
             "probe_backend": backend.name}

@@ -21,7 +21,7 @@ from clara_edge.backend import EXPORT_MANIFEST, open_backend  # noqa: E402
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.onnx_export import trace_graphs, write_onnx_export  # noqa: E402
 from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
-from clara_edge.onnx_backend import CENTRE_FILE, OnnxBackend  # noqa: E402
+from clara_edge.onnx_backend import CENTRE_FILE, KVCache, OnnxBackend  # noqa: E402
 from clara_edge.prefix_cache import PrefixCache  # noqa: E402
 
 DOCS = ["The Eiffel Tower is in Paris, the capital of France.",
@@ -89,7 +89,7 @@ def test_fp32_generate_equals_torch_batched_left_padded():
     got = backend.generate(QUESTIONS, memories, max_new_tokens=12)
     assert got.token_ids == ref.token_ids
     assert got.texts == ref.texts
-    assert got.context_positions == ref.context_positions
+    assert got.context_positions == ref.context_positions and got.decode_steps == ref.decode_steps
     assert got.prefill_s > 0 and got.decode_s >= 0
 
 
@@ -354,12 +354,14 @@ def test_other_families_fp32(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_generator_computes_what_torch_traces(family):
-    """The exported generator (ORT fused operators) against torch.onnx's trace of the same model: a left-padded
-    batch prefill, decode steps, then prompts on top of a past (one row, and a batch the backend splits into
-    rows, which GroupQueryAttention cannot take at once); logits and caches alike (qwen2 adds q/k/v biases)."""
+def test_fused_generator_computes_what_torch_traces(family, monkeypatch):
+    """The exported generator (ORT fused operators, extending its KV buffers in place) against torch.onnx's trace
+    of the same model: a left-padded batch prefill, decode steps, then prompts on top of a past (one row, and a
+    batch the backend splits into rows, which GroupQueryAttention cannot take at once); logits and caches alike
+    (qwen2 adds q/k/v biases). Buffers grow every few positions here, so growth is crossed mid-sequence."""
     import onnxruntime as ort
 
+    monkeypatch.setattr(KVCache, "GROWTH", 4)
     model, path = tiny_onnx_export("fp32", family=family)
     backend = OnnxBackend(path)
     assert backend.manifest["generator_graph"] == "fused"
@@ -374,13 +376,14 @@ def test_fused_generator_computes_what_torch_traces(family):
         total = np.concatenate([mask, new], axis=1)
         embeds = rng.standard_normal((len(rows), step, model.hidden_size)).astype(np.float32)
         positions = np.clip(total.cumsum(-1) - 1, 0, None)[rows, -step:]
-        past = {name: v[rows] for name, v in state.items()}
-        logits, present = backend._generator_step(embeds, total[rows], positions, past)
+        past = KVCache({name: a[rows] for name, a in state.arrays.items()}, state.length)  # those rows, copied
         ref = traced.run(None, {"inputs_embeds": embeds, "attention_mask": total[rows], "position_ids": positions,
-                                **past})
+                                **past.filled()})
+        logits, present = backend._generator_step(embeds, total[rows], positions, past)
+        assert present.length == total.shape[1] and present.capacity >= present.length
         assert _max_abs(logits, ref[0]) < 1e-4
         real = total[rows].astype(bool)  # pad positions hold no-one's keys (each graph fills them its own way)
-        assert all(_max_abs(present[n][j][:, real[j]], r[j][:, real[j]]) < 1e-4
-                   for n, r in zip(present, ref[1:]) for j in range(len(rows)))
+        assert all(_max_abs(present.filled()[n][j][:, real[j]], r[j][:, real[j]]) < 1e-4
+                   for n, r in zip(present.arrays, ref[1:]) for j in range(len(rows)))
         if rows == [0, 1]:
             state, mask = present, total

@@ -154,6 +154,7 @@ def test_eos_stops_generation_and_is_not_emitted(model):
     finally:
         handle.remove()
     assert out.token_ids == [[7, 7]]
+    assert out.decode_steps == 2  # the second token's forward and the EOS's: decode tok/s counts both
 
 
 def test_max_new_tokens_stops_generation_without_a_wasted_forward(model):
@@ -171,7 +172,7 @@ def test_max_new_tokens_stops_generation_without_a_wasted_forward(model):
         out = model.generate(["Where?"], [mem], max_new_tokens=3)
     finally:
         handle.remove()
-    assert out.token_ids == [[7, 7, 7]] and len(forwards) == 3
+    assert out.token_ids == [[7, 7, 7]] and len(forwards) == 3 and out.decode_steps == 2
 
 
 def test_text_rag_mode_runs_without_adapters(model):
