@@ -451,14 +451,16 @@ def make_exports(model, backends: Sequence[str], log: Callable[[str], None], exp
 
 def run_in_subprocess(module: str, payload: dict, env: dict[str, str] | None = None,
                       timeout: float | None = None) -> dict:
-    """`python -m MODULE --worker JSON --result FILE` in a fresh interpreter -> the result JSON.
+    """`python -m MODULE --worker FILE --result FILE` in a fresh interpreter -> the result JSON.
 
-    Any failure, a native crash included (a llama.cpp built for other CPU features dies of SIGILL), comes
-    back as {'error': reason} instead of taking the benchmark down.
+    The payload travels in a file: prompts of thousands of tokens exceed what one command-line argument may
+    hold (128 KiB on Linux). Any failure, a native crash included (a llama.cpp built for other CPU features dies
+    of SIGILL), comes back as {'error': reason} instead of taking the benchmark down.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", module, "--worker", json.dumps(payload), "--result", str(out)]
+        out, spec = Path(tmp) / "result.json", Path(tmp) / "worker.json"
+        spec.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", module, "--worker", str(spec), "--result", str(out)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
                                   timeout=timeout)
@@ -475,12 +477,12 @@ def run_in_subprocess(module: str, payload: dict, env: dict[str, str] | None = N
 def worker_main(argv: list[str] | None, module: str, work: Callable[[dict], dict]) -> int:
     """The entry point of a benchmark worker process (see `run_in_subprocess`)."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description="a `clara-edge bench` worker")
-    p.add_argument("--worker", required=True, help="the worker's parameters as JSON")
+    p.add_argument("--worker", required=True, help="a JSON file of the worker's parameters")
     p.add_argument("--result", required=True, help="where to write the result JSON")
     args = p.parse_args(argv)
     from clara_edge.quiet import quiet_libraries
     quiet_libraries()  # as the CLI does (CLARA_EDGE_DEBUG=1 keeps warnings)
-    Path(args.result).write_text(json.dumps(work(json.loads(args.worker))) + "\n")
+    Path(args.result).write_text(json.dumps(work(json.loads(Path(args.worker).read_text()))) + "\n")
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 from clara_edge.bench import anchor
 from clara_edge.bench.latency import (backend_unavailable, expand_backends, kv_bytes, max_k_in_context,
                                      run_in_subprocess)
-from clara_edge.bench.report import accuracy_targets, run_bench
+from clara_edge.bench.report import accuracy_targets, run_bench, targets
 from clara_edge.errors import ClaraError
 
 FACTS = ["The Eiffel Tower is in Paris.", "Mount Everest is the highest mountain.", "Water boils at 100 degrees.",
@@ -133,9 +133,22 @@ def test_anchor_with_a_stand_in_llama_cpp(monkeypatch, tmp_path):
     assert rows[0]["reps"] == 2 and rows[0]["positions"] == 42 and rows[0]["ttft_s"] > 0
     assert rows[0]["prefill_tokens_per_s"] > 0 and rows[0]["decode_tokens_per_s"] > 0
     assert rows[1]["ttft_s"] is None and rows[1]["note"].startswith("exceeds")
+    clock = iter(range(100))
+    monkeypatch.setattr(anchor.time, "perf_counter", lambda: float(next(clock)))
+    # start 0, first token 1, end 2: tokens 6, 7 and the EOS came in one second, as clara's decode_steps counts
+    assert anchor.time_generation(FakeLlama("m"), [1] * 4, max_new_tokens=16) == (1.0, 3.0, 3)
     monkeypatch.delitem(sys.modules, "llama_cpp")
     monkeypatch.setattr("builtins.__import__", _no_llama(__import__))
     assert anchor.run_anchor({}, n_ctx=1, threads=1, reps=1, max_new_tokens=1)[0]["note"] == anchor.NOT_INSTALLED
+
+
+def test_worker_payloads_larger_than_a_command_line_argument(tmp_path):
+    """A full run's k=20 prompts are ~130 KB of JSON, beyond one argument's 128 KiB: the payload goes by file."""
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('a stand-in: not installed')\n")
+    payload = {"prompts": {"20": [[1] * 40_000] * 6}, "notes": {}, "n_ctx": 8192, "threads": 1, "reps": 5,
+               "max_new_tokens": 4}
+    result = run_in_subprocess("clara_edge.bench.anchor", payload, env={"PYTHONPATH": str(tmp_path)})
+    assert result == {"rows": [anchor.anchor_row(None, note=anchor.NOT_INSTALLED)]}
 
 
 def _no_llama(real_import):
@@ -186,3 +199,14 @@ def test_cached_exports_must_come_from_this_model_and_exporter(monkeypatch, tmp_
                           ({"model_fingerprint": "xyz", "exporter_revision": EXPORTER_REVISION}, False)):
         (folder / EXPORT_MANIFEST).write_text(json.dumps({"format": "coreml", **manifest}))
         assert (latency._cached(model, "coreml") == folder) is hit
+
+
+def test_decode_targets_compare_the_same_k_and_about_the_same_context():
+    latency = [{"method": "clara CR16", "backend": "onnx-int4", "k": 5, "positions": 157, "decode_tokens_per_s": 60.0}]
+    anchor_rows = [anchor.anchor_row(1, positions=190, decode_tokens_per_s=75.0),
+                   anchor.anchor_row(5, positions=974, decode_tokens_per_s=50.0)]
+    got = {t["target"]: t for t in targets(latency, anchor_rows, 16) if t["target"].startswith("decode")}
+    same_k, same_context = got.values()
+    assert same_k["value"] == 60 / 50 and same_k["met"] and same_k["note"] == "157 vs 974 positions"
+    assert same_context["value"] == 60 / 75 and not same_context["met"] and "190" in same_context["note"]
+    assert all(t["value"] is None for t in targets(latency, [], 16) if t["target"].startswith("decode"))
