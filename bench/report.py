@@ -55,7 +55,7 @@ from .plots import write_plots
 PARTS = ("accuracy", "latency")
 
 QUICK_LATENCY_REPS, FULL_LATENCY_REPS = 2, 5
-ANCHOR_KS = (1, 5, 20, 100)  # k=1: text RAG at about clara CR16 k=5's context (~190 vs ~160 positions)
+ANCHOR_KS = (1, 5, 20, 100)  # k=1: the text context nearest clara CR16's at k=5 (306 vs 145 positions in the bench)
 TRAINED = {True: "trained", False: "**untrained** (answers are nonsense, accuracy near zero)", None: "unknown"}
 PACKAGES = ("clara-edge", "torch", "transformers", "peft", "numpy", "bm25s", "onnx", "onnxruntime",
             "llama_cpp_python", "matplotlib", "coremltools", "triton")
@@ -139,7 +139,7 @@ def targets(latency: Sequence[dict], anchor: Sequence[dict], rate: int, torch_ba
         out.append(_target(f"KV bytes {clara} / text RAG at k={k}",
                            _ratio(c and c["kv_bytes"], t and t["kv_bytes"]), 1 / 8))
     ort = _find(latency, clara, "onnx-int4", 5)
-    for k, what in ((5, "k=5"), (1, "clara k=5 vs text k=1: about the same context")):
+    for k, what in ((5, "k=5"), (1, "clara k=5 vs text k=1: the nearest text context")):
         llama = next((r for r in anchor if r.get("k") == k and r.get("decode_tokens_per_s")), None)
         context = f"{ort['positions']} vs {llama['positions']} positions" if ort and llama else ""
         out.append(_target(f"decode tokens/s ORT int4 / llama.cpp Q4_1 ({what})",

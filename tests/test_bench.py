@@ -201,7 +201,7 @@ def test_cached_exports_must_come_from_this_model_and_exporter(monkeypatch, tmp_
         assert (latency._cached(model, "coreml") == folder) is hit
 
 
-def test_decode_targets_compare_the_same_k_and_about_the_same_context():
+def test_decode_targets_compare_the_same_k_and_the_nearest_text_context():
     latency = [{"method": "clara CR16", "backend": "onnx-int4", "k": 5, "positions": 157, "decode_tokens_per_s": 60.0}]
     anchor_rows = [anchor.anchor_row(1, positions=190, decode_tokens_per_s=75.0),
                    anchor.anchor_row(5, positions=974, decode_tokens_per_s=50.0)]
