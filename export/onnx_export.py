@@ -201,8 +201,8 @@ def _trace_generator(work: ClaraModel, lora: str, cache: tuple[int, int, int], b
 def trace_graphs(model: ClaraModel, lora: str = "shared", fused: bool = True) -> TracedGraphs:
     """Export the compressor, query and generator graphs (fp32) without writing anything.
 
-    `fused`: write the generator on ORT's fused operators where `onnx_fused` covers the base (int4 decode of the
-    default model 41.5 vs 31.5 tok/s on the 2-core CPU), else trace it.
+    `fused`: write the generator on ORT's fused operators where `onnx_fused` covers the base (a fraction of the
+    traced graph's nodes, which is what a batch-1 decode step pays for; README, Measured so far), else trace it.
     """
     if lora not in LORA_MODES:
         raise ClaraError(f"unknown LoRA mode {lora!r}: use {', '.join(LORA_MODES)}")
