@@ -5,12 +5,30 @@ broken by candidate order, so results are deterministic (bm25s' own top-k orders
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-import bm25s
 import numpy as np
 
 from .datasets import Doc, document_text
+
+
+def _import_bm25s():
+    """bm25s without JAX: when JAX is installed, `import bm25s` imports it and runs an op, and JAX then claims
+    75 % of a GPU's memory (torch beside it runs out). Only bm25s' numpy scores are used here, so JAX stays
+    unimported unless the process imported it already; a later `import jax` elsewhere works as usual."""
+    if "jax" in sys.modules:
+        import bm25s
+        return bm25s
+    sys.modules["jax"] = None  # makes bm25s' `import jax.lax` raise ImportError, which it handles
+    try:
+        import bm25s
+    finally:
+        del sys.modules["jax"]
+    return bm25s
+
+
+bm25s = _import_bm25s()
 
 STOPWORDS = "en"
 

@@ -29,3 +29,23 @@ def test_cache_indexes_each_candidate_set_once():
     assert cache.get(pool) is cache.get(pool)
     cache.get(tuple(DOCS[:2]))
     assert len(cache) == 2
+
+
+def test_bm25s_is_imported_without_initialising_jax(tmp_path):
+    """bm25s imports JAX when it is installed, and JAX then claims most of a GPU's memory; clara_edge.bm25
+    keeps it out, and leaves `import jax` working afterwards. A stand-in `jax` package records its import."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "jax"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'a').write('x')\n")
+    (fake / "lax.py").write_text("import numpy as np\ntop_k = lambda x, k: (np.sort(x)[-k:], None)\n")
+    code = ("import sys, clara_edge.bm25\n"
+            "assert 'jax' not in sys.modules\n"
+            "assert not __import__('bm25s').selection.JAX_IS_AVAILABLE\n"
+            "import jax\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert (tmp_path / "imported").read_text() == "x"  # only the explicit `import jax` at the end ran it
