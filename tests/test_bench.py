@@ -210,3 +210,17 @@ def test_decode_targets_compare_the_same_k_and_the_nearest_text_context():
     assert same_k["value"] == 60 / 50 and same_k["met"] and same_k["note"] == "157 vs 974 positions"
     assert same_context["value"] == 60 / 75 and not same_context["met"] and "190" in same_context["note"]
     assert all(t["value"] is None for t in targets(latency, [], 16) if t["target"].startswith("decode"))
+
+
+def test_ttft_targets_on_every_backend_that_ran_both_methods():
+    def row(method, backend, k, ttft):
+        return {"method": method, "backend": backend, "k": k, "ttft_s": ttft, "ttft_cold_s": ttft, "kv_bytes": 8 * k}
+    latency = [row("clara CR16", "cuda", 5, 0.08), row("text", "cuda", 5, 0.09), row("text", "cuda", 20, 0.3),
+               row("clara CR16", "cuda", 20, 0.02), row("clara CR16", "cuda-triton", 5, 0.1)]
+    got = {t["target"]: t for t in targets(latency, [], 16)}
+    k5 = got["TTFT clara CR16 / text RAG at k=5 (cuda, whole prompt)"]
+    assert k5["value"] == pytest.approx(0.08 / 0.09, abs=1e-4) and not k5["met"]
+    assert got["TTFT clara CR16 / text RAG at k=20 (cuda, prompt head reused, as the runtime does)"]["met"]
+    assert got["TTFT clara CR16 / text RAG at k=5 (cuda-triton, whole prompt)"]["value"] is None  # no text row
+    assert not any("(torch," in name for name in got)  # the CPU backend was not measured in this run
+    assert got["KV bytes clara CR16 / text RAG at k=5"]["value"] == 1.0
