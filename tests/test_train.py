@@ -243,6 +243,9 @@ def test_recipes_resolve():
     assert all(s["max_steps"] == 3 for s in default["stages"]) and default["stages"][0]["betas"] == [0.9, 0.95]
     hybrid = load_recipe("hybrid")  # its GPU stage must be the default's, so a default run's stage 1 can continue as hybrid
     assert hybrid["stages"][0] == load_recipe("default")["stages"][0] and hybrid["data"] == load_recipe("default")["data"]
+    gpu = load_recipe("gpu")  # sized for a GPU: one micro-batch per step (dispatch, not arithmetic, bounds a step)
+    assert [s["kind"] for s in gpu["stages"]] == ["scp", "e2e", "retrieval"]
+    assert all(s["micro_batch"] == s["batch_size"] for s in gpu["stages"]) and gpu["data"]["limit"] is None
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
     instruct = default["stages"][1]
