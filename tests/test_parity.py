@@ -16,7 +16,7 @@ from tiny import tiny_clara  # noqa: E402
 
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.api import check_bnb, check_export, check_memory_quant, export_model  # noqa: E402
-from clara_edge.export.parity import f1_parity, tensor_error  # noqa: E402
+from clara_edge.export.parity import agreement_questions, f1_parity, tensor_error  # noqa: E402
 
 FIXED = [(q, [d]) for q, d in zip(QUESTIONS, DOCS)]
 
@@ -87,6 +87,20 @@ def test_export_model_dispatch(tmp_path):
         export_model(model, "onnx", "int3", tmp_path / "x")
     with pytest.raises(ClaraError, match="needs a torch model"):
         export_model(object(), "onnx", "fp32", tmp_path / "x")
+
+
+def test_agreement_adds_the_first_dev_questions_with_their_gold_documents(dev_file, monkeypatch):
+    from clara_edge.datasets import document_text
+
+    fixed = [(q, list(ds)) for q, ds in FIXED]
+    assert agreement_questions(None, 100, FIXED) == fixed
+    questions = agreement_questions(dev_file, 100, FIXED)
+    assert questions[:len(fixed)] == fixed
+    assert questions[len(fixed):] == [(q, [document_text(("T", d))])
+                                      for q, d in zip(QUESTIONS + ["what is high?"], DOCS + [DOCS[2]])]
+    assert len(agreement_questions(dev_file, 2, FIXED)) == len(fixed) + 2  # no more than the F1 probe reads
+    monkeypatch.setattr("clara_edge.export.parity.AGREEMENT_DEV_ROWS", 1)
+    assert len(agreement_questions(dev_file, 100, FIXED)) == len(fixed) + 1
 
 
 def test_f1_delta_comes_with_its_paired_standard_error(dev_file, monkeypatch):
