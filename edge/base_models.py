@@ -8,6 +8,7 @@ loader and cache the result as a safetensors folder that later loads take direct
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -65,10 +66,44 @@ def _converted_dir(key: str) -> Path:
     return cache_root() / "models" / key
 
 
+# Bumped when a conversion made by an older clara-edge must be redone: 2 = special tokens from the gguf's metadata.
+CONVERSION_REVISION = 2
+CONVERSION_MARKER = "clara_edge_conversion.json"
+# gguf metadata key -> tokenizer attribute
+GGUF_SPECIAL_TOKENS = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+
+
 def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
-        folder / "tokenizer.json"
-    ).is_file()
+    marker = folder / CONVERSION_MARKER
+    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+            and (folder / "tokenizer.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("revision", 0) >= CONVERSION_REVISION
+    except (OSError, ValueError):
+        return False
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """{tokenizer attribute: id} for the special tokens the gguf's metadata names (tokenizer.ggml.*_token_id)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    out = {}
+    for key, attr in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            out[attr] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    """Make the tokenizer's special tokens the given ids. Why: transformers' gguf tokenizer conversion has named
+    them differently across versions (5.17 makes SmolLM2's eos `<|im_start|>`, 5.23 `<|im_end|>`, the gguf says
+    `<|im_end|>`), and a generator trained to stop with one token never stops where another is the eos."""
+    for attr, token_id in ids.items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _fetch_builtin_gguf(spec: BuiltinModel, workdir: Path) -> Path:
@@ -110,6 +145,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
+        set_special_tokens(tokenizer, gguf_special_token_ids(gguf_path))
     except Exception as e:  # transformers raises many types for unsupported / corrupt gguf files
         raise ClaraError(f"cannot load gguf {gguf_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     # A gguf-loaded model refuses save_pretrained (it counts as quantised): move its dequantised weights
@@ -125,6 +161,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / CONVERSION_MARKER).write_text(json.dumps({"revision": CONVERSION_REVISION}) + "\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

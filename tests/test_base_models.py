@@ -1,4 +1,5 @@
 """Base-model resolution: local folders, the built-in default's fetch checks, devices and dtypes."""
+import json
 import zipfile
 
 import pytest
@@ -103,3 +104,40 @@ def test_configure_threads(monkeypatch):
             configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_special_tokens_come_from_the_gguf_metadata(tmp_path):
+    """transformers' gguf tokenizer conversion has named SmolLM2's eos differently across versions; the
+    conversion takes the gguf's own ids, so a generator stops with the same token on every version."""
+    from gguf import GGUFWriter
+    from tiny import tiny_tokenizer
+
+    from clara_edge.base_models import gguf_special_token_ids, set_special_tokens
+
+    path = tmp_path / "meta.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ids = gguf_special_token_ids(path)
+    assert ids == {"bos_token": 1, "eos_token": 2, "pad_token": 0}
+    tok = tiny_tokenizer()
+    tok.eos_token = tok.convert_ids_to_tokens(1)  # what a wrong conversion leaves
+    set_special_tokens(tok, ids)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+
+
+def test_a_conversion_from_an_older_revision_is_redone(tmp_path):
+    from clara_edge.base_models import CONVERSION_MARKER, CONVERSION_REVISION, _is_converted
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    assert not _is_converted(tmp_path)  # made before the marker existed
+    (tmp_path / CONVERSION_MARKER).write_text(json.dumps({"revision": CONVERSION_REVISION - 1}))
+    assert not _is_converted(tmp_path)
+    (tmp_path / CONVERSION_MARKER).write_text(json.dumps({"revision": CONVERSION_REVISION}))
+    assert _is_converted(tmp_path)

@@ -23,6 +23,8 @@ def test_default_is_the_shipped_trained_model(default_model):
     assert any(bool(p.abs().max() > 0) for n, p in default_model.lm.named_parameters() if "lora_B" in n)
     assert default_model.config.extra["command"].startswith("clara-edge train --recipe")
     assert default_model.retrieval_centre.shape == (16, 576)  # its retrieval stage trained on centred cosine
+    # the gguf's eos, which the shipped generator was trained to stop with, whatever transformers converted
+    assert default_model.tokenizer.eos_token == "<|im_end|>" and default_model.eos_ids() == [2]
 
 
 def test_compress_200_token_passage_at_cr16(default_model):
