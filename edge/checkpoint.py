@@ -103,7 +103,7 @@ def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype =
     save_file(embeds, tmp / EMBEDDINGS_FILE)
     meta = {"format": "clara-edge", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
             "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(),
-            "roles": list(ROLES), "dtype": str(dtype).removeprefix("torch.")}
+            "roles": list(ROLES), "dtype": str(dtype).removeprefix("torch."), "eos_ids": model.eos_ids()}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -170,6 +170,10 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
         raise ClaraError(f"checkpoint {path}: retrieval centre of shape {tuple(centre.shape)}, expected "
                          f"{(config.n_mem, model.hidden_size)}")
     model.retrieval_centre = None if centre is None else centre.float()
+    eos = meta.get("eos_ids", [])
+    if not (isinstance(eos, list) and all(isinstance(i, int) and 0 <= i < model.base_vocab for i in eos)):
+        raise ClaraError(f"corrupted checkpoint config {path / CONFIG_FILE}: eos_ids {eos!r}")
+    model.trained_eos_ids = eos
     return model.eval()
 
 

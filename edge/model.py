@@ -127,6 +127,9 @@ class ClaraModel(nn.Module):
         # Subtracted from query and document memories before cosine when set (clara_edge.retrieval explains
         # why); the retrieval training stage sets it to the mean memory of its bank. [n_mem, H] fp32, CPU.
         self.retrieval_centre: torch.Tensor | None = None
+        # The eos ids a checkpoint was trained with (recorded at save): generation stops on them too, so a
+        # generator trained where the tokenizer named another eos still stops (clara_edge.base_models says why).
+        self.trained_eos_ids: list[int] = []
         self._active: str | None = None
         self._activate(ROLES[0])
 
@@ -320,6 +323,7 @@ class ClaraModel(nn.Module):
             ids.add(self.tokenizer.eos_token_id)
         gen_eos = getattr(self.lm.get_base_model().generation_config, "eos_token_id", None)
         ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        ids.update(self.trained_eos_ids)
         return sorted(ids)
 
     @torch.inference_mode()

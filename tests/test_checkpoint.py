@@ -66,6 +66,26 @@ def test_the_retrieval_centre_round_trips_in_fp32(tmp_path):
         load_checkpoint(out)
 
 
+def test_the_eos_a_generator_was_trained_with_stops_it_after_loading(tmp_path):
+    """A checkpoint records the eos ids of its training; loaded where the tokenizer names another eos (transformers'
+    gguf conversion changed SmolLM2's between versions), generation still stops on the trained one."""
+    m = _model(_base(tmp_path))
+    out = save_checkpoint(m, tmp_path / "ck", dtype=torch.float32)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    assert meta["eos_ids"] == m.eos_ids() == [2]
+    free = m.generate(["Where?"], [m.compress(DOCS[:1])], max_new_tokens=8).token_ids[0]
+    cut = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    meta["eos_ids"] = [free[cut]]  # as if training had ended answers with this token
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = load_checkpoint(out)
+    assert loaded.eos_ids() == sorted({2, free[cut]})
+    assert loaded.generate(["Where?"], [loaded.compress(DOCS[:1])], max_new_tokens=8).token_ids[0] == free[:cut]
+    meta["eos_ids"] = [10**9]
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ClaraError, match="eos_ids"):
+        load_checkpoint(out)
+
+
 def test_load_model_rejects_wrong_compression(tmp_path):
     out = save_checkpoint(_model(_base(tmp_path)), tmp_path / "ck")
     with pytest.raises(ClaraError, match="compression 16, not 64"):
