@@ -14,6 +14,7 @@ from .quiet import quiet_libraries
 
 PROG = "clara-edge"
 BNB_CHECKS = ("bnb-int8", "bnb-nf4")
+STORE_CHECKS = ("store-int8", "store-int4")  # a memory store's quantised vectors against fp16 ones
 
 
 # ------------------------------------------------------------------------------------------ shared options
@@ -183,7 +184,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clara_edge.export.api import check_bnb, check_export, export_model
+    from clara_edge.export.api import check_bnb, check_export, check_memory_quant, export_model
+    if args.check in STORE_CHECKS:  # store vectors of --model's memories, generation by the same model in fp32
+        from .checkpoint import load_model
+        model = load_model(args.model, args.compression, "cpu", "fp32", args.base)
+        result = check_memory_quant(model, args.check.removeprefix("store-"), dev_file=args.data, n_dev=args.limit,
+                                    json_out=args.json_out)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.check in BNB_CHECKS:  # bitsandbytes weights of --model (torch backend) against the same model in fp32
         from .checkpoint import load_model
         from .devices import resolve_device
@@ -287,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     p.add_argument("--out", default=None, help="export directory")
     p.add_argument("--check", default=None, metavar="DIR", help="parity-check an export against torch fp32; or "
-                   "bnb-int8 / bnb-nf4: bitsandbytes base weights of --model (torch backend) against the same in fp32")
+                   "bnb-int8 / bnb-nf4: bitsandbytes base weights of --model (torch backend) against the same in fp32; "
+                   "or store-int8 / store-int4: a memory store's quantised vectors of --model against fp16 ones")
     p.add_argument("--data", default=None, help="dev JSONL for the F1 delta of --check")
     p.add_argument("--limit", type=int, default=100, help="dev questions for --check")
     p.add_argument("--json", dest="json_out", default=None, help="write --check's result here")

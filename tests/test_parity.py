@@ -124,6 +124,27 @@ def test_store_int8_vectors_against_fp16(dev_file):
     assert abs(result["f1_delta"]) <= 100 and "passed" in result
 
 
+def test_store_vector_check_from_the_command_line(tmp_path, dev_file, capsys):
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from clara_edge.checkpoint import build_model, save_checkpoint
+    from clara_edge.cli import main
+    from clara_edge.model import ClaraConfig
+
+    base = tmp_path / "base"
+    tiny_causal_lm("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model = build_model(ClaraConfig(base_model=str(base), doc_max_length=64, lora_r=4, lora_alpha=8), "cpu", "fp32")
+    ck = save_checkpoint(model, tmp_path / "ck")
+    out = tmp_path / "store.json"
+    assert main(["export", "--check", "store-int4", "--model", str(ck), "--data", str(dev_file), "--limit", "4",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["store_dtype"] == "int4" and result["reference_dtype"] == "fp16" and result["n_dev"] == 4
+    assert 0 <= result["token_agreement"] <= 1 and "passed" in result
+    assert json.loads(capsys.readouterr().out)["store_dtype"] == "int4"
+
+
 def test_bitsandbytes_reports_unavailability_in_one_line():
     from clara_edge.export.bnb import bnb_unavailable, quantize_bnb
 
