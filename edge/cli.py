@@ -185,28 +185,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from clara_edge.export.api import check_bnb, check_export, check_memory_quant, export_model
-    if args.check in STORE_CHECKS:  # store vectors of --model's memories, generation by the same model in fp32
+    if args.check:  # an export, bitsandbytes weights or store vectors, each against --model in fp32
         from .checkpoint import load_model
-        model = load_model(args.model, args.compression, "cpu", "fp32", args.base)
-        result = check_memory_quant(model, args.check.removeprefix("store-"), dev_file=args.data, n_dev=args.limit,
-                                    json_out=args.json_out)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.check in BNB_CHECKS:  # bitsandbytes weights of --model (torch backend) against the same model in fp32
-        from .checkpoint import load_model
-        from .devices import resolve_device
-        device = str(resolve_device(args.device))
-        reference = load_model(args.model, args.compression, "cpu", "fp32", args.base)
-        result = check_bnb(reference, args.check.removeprefix("bnb-"), device, dev_file=args.data, n_dev=args.limit,
-                           json_out=args.json_out)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.check:  # --model names the fp32 reference when the export's recorded source has changed since
-        from .checkpoint import load_model
-        reference = (load_model(args.model, getattr(args, "compression", None), "cpu", "fp32", args.base)
-                     if args.model else None)
-        result = check_export(Path(args.check), reference, dev_file=args.data, n_dev=args.limit,
-                              json_out=args.json_out)
+
+        def reference():
+            return load_model(args.model, args.compression, "cpu", "fp32", args.base)
+
+        common = {"dev_file": args.data, "n_dev": args.limit, "json_out": args.json_out}
+        if args.check in STORE_CHECKS:  # generation by the same model from decoded store vectors
+            result = check_memory_quant(reference(), args.check.removeprefix("store-"), **common)
+        elif args.check in BNB_CHECKS:  # bitsandbytes base weights of the torch backend
+            from .devices import resolve_device
+            device = str(resolve_device(args.device))
+            result = check_bnb(reference(), args.check.removeprefix("bnb-"), device, **common)
+        else:  # --model names the reference only when the export's recorded source has changed since
+            result = check_export(Path(args.check), reference() if args.model else None, **common)
         print(json.dumps(result, indent=2))
         return 0
     if not args.out:
