@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .base_models import DEFAULT_BASE, resolve_base
-from .devices import resolve_device, resolve_dtype
+from .devices import keep_cudnn_out_of_sdpa, resolve_device, resolve_dtype
 from .errors import ClaraError
 from .model import ROLES, ClaraConfig, ClaraModel, weights_fingerprint
 
@@ -63,19 +63,6 @@ def _configure_attention(model: ClaraModel) -> None:
     if choice != "sdpa":
         from clara_edge.kernels.hf_attention import configure
         configure(model.lm.get_base_model(), choice if model.device.type == "cuda" else "sdpa")
-
-
-def keep_cudnn_out_of_sdpa(device: torch.device) -> None:
-    """On CUDA, take cuDNN out of SDPA's backends (process-wide): flash / memory-efficient / math remain.
-
-    Why: torch 2.11 tries cuDNN first for SDPA on Hopper and Blackwell (pytorch#162073), and with an explicit
-    mask cuDNN builds an execution plan for every new shape (~0.4 s each, as reported upstream). Shapes here
-    are new all the time: a prompt that reuses a cached prefix (explicit mask: queries shorter than keys) or a
-    padded batch. The bench measured a prefix-reused prefill at 0.55 s against 0.08 s for the whole prompt
-    (H200, clara k=20), before this; the likely cause, to be re-measured on a GPU.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _peft_state(model: ClaraModel, role: str) -> dict[str, torch.Tensor]:

@@ -43,6 +43,19 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def keep_cudnn_out_of_sdpa(device: torch.device) -> None:
+    """On CUDA, take cuDNN out of SDPA's backends (process-wide): flash / memory-efficient / math remain.
+
+    Why: torch 2.11 tries cuDNN first for SDPA on Hopper and Blackwell (pytorch#162073), and with an explicit
+    mask cuDNN builds an execution plan for every new shape (~0.4 s each, as reported upstream). Shapes here
+    are new all the time: a prompt that reuses a cached prefix (explicit mask: queries shorter than keys) or a
+    padded batch. The bench measured a prefix-reused prefill at 0.55 s against 0.08 s for the whole prompt
+    (H200, clara k=20), before this; the likely cause, to be re-measured on a GPU.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's CPU threads: `threads`, else $CLARA_EDGE_THREADS, else all cores but one.
 

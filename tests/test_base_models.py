@@ -7,7 +7,7 @@ import torch
 
 from clara_edge import base_models
 from clara_edge.base_models import BuiltinModel, resolve_base
-from clara_edge.devices import resolve_device, resolve_dtype
+from clara_edge.devices import keep_cudnn_out_of_sdpa, resolve_device, resolve_dtype
 from clara_edge.errors import ClaraError
 
 
@@ -104,6 +104,17 @@ def test_configure_threads(monkeypatch):
             configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device, cudnn_after", [("cpu", True), ("cuda", False)])
+def test_cudnn_leaves_sdpa_only_for_cuda_models(device, cudnn_after):
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        keep_cudnn_out_of_sdpa(torch.device(device))
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn_after
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_special_tokens_come_from_the_gguf_metadata(tmp_path):

@@ -7,7 +7,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from clara_edge.checkpoint import (ADAPTERS_FILE, CONFIG_FILE, EMBEDDINGS_FILE, build_model, import_clara,
-                                   keep_cudnn_out_of_sdpa, load_checkpoint, load_model, save_checkpoint)
+                                   load_checkpoint, load_model, save_checkpoint)
 from clara_edge.errors import ClaraError
 from clara_edge.model import ClaraConfig
 from tiny import randomize_adapters, tiny_causal_lm, tiny_tokenizer
@@ -119,17 +119,6 @@ def test_corrupted_checkpoints_are_clear_errors(tmp_path, damage):
         (out / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ClaraError):
         load_checkpoint(out)
-
-
-@pytest.mark.parametrize("device, cudnn_after", [("cpu", True), ("cuda", False)])
-def test_cudnn_leaves_sdpa_only_for_cuda_models(device, cudnn_after):
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    try:
-        keep_cudnn_out_of_sdpa(torch.device(device))
-        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn_after
-        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
