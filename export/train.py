@@ -60,7 +60,8 @@ from .train_losses import (bank_nce, cosine_scores, kl_to_teacher, left_pad_labe
 RECIPES_DIR = Path(__file__).parent / "recipes"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_KINDS = ("scp", "instruct", "e2e", "retrieval", "text")
-_QA_DATA = {"k": 5, "targets": "gold", "questions_per_passage": 2, "multihop_repeat": 4, "max_target_tokens": 64}
+_QA_DATA = {"k": 5, "targets": "gold", "questions_per_passage": 2, "multihop_repeat": 4, "max_target_tokens": 64,
+            "max_answer_words": None}
 STAGE_DEFAULTS: dict[str, dict] = {
     "common": {"epochs": 1, "max_steps": None, "max_samples": None, "batch_size": 32, "micro_batch": 4, "lr": 1e-4,
                "schedule": "cosine", "min_lr_ratio": 0.1, "warmup_ratio": 0.03, "weight_decay": 0.0,
@@ -335,7 +336,7 @@ class Run:
             return data.subset(data.scp_samples(src, self.seed, stage["tasks"], truncate=cut),
                                stage["max_samples"], self.seed)
         samples = data.qa_samples(src, self.seed, stage["k"], stage.get("candidates") if kind in BANK_STAGES else None,
-                                  stage["questions_per_passage"], stage["multihop_repeat"])
+                                  stage["questions_per_passage"], stage["multihop_repeat"], stage["max_answer_words"])
         samples = data.subset(samples, stage["max_samples"], self.seed)
         teacher = self.teacher_answers(model, samples) if stage["targets"] != "gold" else {}
         return data.with_targets(samples, stage["targets"], teacher)

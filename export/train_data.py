@@ -145,13 +145,15 @@ def scp_samples(sources: Sources, seed: int, tasks: Sequence[str] = SCP_TASKS,
 
 # ------------------------------------------------------------------------------------------ QA (stages 2, 3, text)
 def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = None, questions_per_passage: int = 2,
-               multihop_repeat: int = 1) -> list[Sample]:
+               multihop_repeat: int = 1, max_answer_words: int | None = None) -> list[Sample]:
     """Question + documents -> gold answers (targets are set later by `with_targets`).
 
     candidates=None (stages 2 and text): each sample reads k documents, gold ones first choice, shuffled.
     candidates=N (stage 3): a multi-hop row offers its gold documents and distractors up to N; a pretraining
     question its passage among N-1 other pretraining passages; the model picks k of them (rows with fewer
     than k documents are left out).
+    max_answer_words: take only pretraining QA pairs whose answer is that short (many of their answers are whole
+    sentences, the dev sets' are a few words); passages left with none give no question.
     """
     out = []
     n_docs = k if candidates is None else candidates
@@ -170,7 +172,8 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
     pool = [("", r["docs"][0]) for r in sources.pretrain]
     for i, rec in enumerate(sources.pretrain):
         rng = _rng(seed, "pretrain", i)
-        pairs = list(zip(rec.get("question", []), rec.get("answers", [])))
+        pairs = [(q, a) for q, a in zip(rec.get("question", []), rec.get("answers", []))
+                 if max_answer_words is None or len(a.split()) <= max_answer_words]
         rng.shuffle(pairs)
         for q, a in pairs[:questions_per_passage]:
             others = rng.sample([j for j in range(len(pool)) if j != i], min(n_docs - 1, len(pool) - 1))

@@ -213,6 +213,8 @@ def test_samples_are_deterministic_and_refuse_eval(env, tmp_path):
     assert all(s.gold and set(s.gold) <= set(s.docs) for s in offered)  # the retrieval stage's positives
     five = [s for s in data.qa_samples(sources, seed=0, k=5, candidates=5) if s.docs[0][0]]
     assert len(five) == len(FACTS) and all(len(s.docs) == 5 for s in five)  # the 4-document rows are left out
+    short = [s for s in data.qa_samples(sources, seed=0, k=3, max_answer_words=1) if not s.docs[0][0]]
+    assert sorted(s.answers[0] for s in short) == sorted(["Paris"] + [f[0] for f in FACTS])  # one-word answers only
     some = data.subset(scp, 3, seed=0)
     assert len(some) == 3 and some == data.subset(scp, 3, seed=0) and some == [s for s in scp if s in some]
     assert data.subset(scp, None, seed=0) == scp and data.subset(scp, 3, seed=1) != some
@@ -246,6 +248,9 @@ def test_recipes_resolve():
     gpu = load_recipe("gpu")  # sized for a GPU: one micro-batch per step (dispatch, not arithmetic, bounds a step)
     assert [s["kind"] for s in gpu["stages"]] == ["scp", "e2e", "retrieval"]
     assert all(s["micro_batch"] == s["batch_size"] for s in gpu["stages"]) and gpu["data"]["limit"] is None
+    short = load_recipe("cpu-short")  # continues the shipped cpu run: its first three stages must stay cpu's
+    assert short["stages"][:3] == load_recipe("cpu")["stages"] and short["data"] == load_recipe("cpu")["data"]
+    assert short["stages"][3]["trainable"] == ["generator"] and short["stages"][3]["init_query_from"] is None
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
     instruct = default["stages"][1]
