@@ -204,7 +204,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ClaraError("export needs --out DIR (or --check DIR to check an existing export)")
-    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model))
+    if args.lora and args.format != "onnx":
+        raise ClaraError("--lora applies to ONNX exports (a Core ML export's functions always share the base)")
+    options = {"lora": args.lora} if args.lora else {}
+    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model, **options))
     return 0
 
 
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx", "coreml"])
     p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     p.add_argument("--out", default=None, help="export directory")
+    p.add_argument("--lora", default=None, choices=["merged-generator", "shared", "merged"],
+                   help="ONNX: how the roles carry their adapters (default merged-generator: the encoders share one "
+                        "base, the generator merges its adapter for faster decoding; shared: smallest; merged)")
     p.add_argument("--check", default=None, metavar="DIR", help="parity-check an export against torch fp32; or "
                    "bnb-int8 / bnb-nf4: bitsandbytes base weights of --model (torch backend) against the same in fp32; "
                    "or store-int8 / store-int4: a memory store's quantised vectors of --model against fp16 ones")

@@ -26,7 +26,7 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
     """Export `model` (a torch ClaraModel) to `out_dir` as `fmt` (onnx | coreml) with `quant` weights.
 
     `source` is how the model was named (checkpoint dir, base model; None for the default): it is recorded so
-    `check_export` can rebuild the fp32 reference. Options: onnx `lora="shared"|"merged"`, `accuracy_level`
+    `check_export` can rebuild the fp32 reference. Options: onnx `lora="merged-generator"|"shared"|"merged"`, `accuracy_level`
     (MatMulNBits, default 4); coreml `max_context=1024`, `palettize=False`. An fp32 ONNX export as `model`
     with fmt onnx is requantised without the torch model or a new trace. Returns the export directory
     (itself a model wherever --model is accepted).

@@ -93,7 +93,8 @@ def _linear(g: _GraphWriter, x: str, module: nn.Module, name: str, role: str, me
         b = _weight(module.lora_B[role].weight) * float(module.scaling[role])  # [out, r]
         if merge:
             weight = weight + b @ a
-    (y,) = g.op("MatMul", [x, g.const(f"{name}.weight", weight.T)])
+    merged = f".merged.{role}" if lora and merge else ""  # the quantiser keeps merged weights at 8 bits
+    (y,) = g.op("MatMul", [x, g.const(f"{name}.weight{merged}", weight.T)])
     if lora and not merge:
         (low,) = g.op("MatMul", [x, g.const(f"{name}.lora_A.{role}", a.T)])
         (delta,) = g.op("MatMul", [low, g.const(f"{name}.lora_B.{role}", b.T)])

@@ -27,24 +27,24 @@ def _scope(node) -> str:
 
 
 def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = None) -> dict[str, str]:
-    """MatMul nodes with a constant weight -> 'lora' | 'lm_head' | 'linear'.
+    """MatMul nodes with a constant weight -> 'lora' | 'lm_head' | 'merged' | 'linear'.
 
     Read off the exporter's name scopes or the weight's name; otherwise (a written traced export) by shape: a
-    LoRA matrix has the rank as one dimension, the lm_head the vocabulary as its output dimension.
+    LoRA matrix has the rank as one dimension, the lm_head the vocabulary as its output dimension. 'merged':
+    a base weight with a LoRA merged into it (`onnx_fused` names those `*.merged.<role>`).
     """
     consts = {t.name: t for t in model.graph.initializer}
     kinds = {}
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in consts:
             continue
-        scope, dims = _scope(node), list(consts[node.input[1]].dims)
+        scope, dims, name = _scope(node), list(consts[node.input[1]].dims), node.input[1]
         if scope:
             lora, head = "lora_A" in scope or "lora_B" in scope, "lm_head" in scope
         else:  # `onnx_fused` names its weights after the modules; torch.onnx's written names say nothing
-            name = node.input[1]
             lora = "lora_A" in name or "lora_B" in name or lora_r in dims[-2:]
             head = "lm_head" in name or (bool(dims) and dims[-1] == vocab_size)
-        kinds[node.name] = "lora" if lora else "lm_head" if head else "linear"
+        kinds[node.name] = "lora" if lora else "lm_head" if head else "merged" if ".merged." in name else "linear"
     return kinds
 
 
@@ -145,7 +145,9 @@ def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora
                  if t.name in weights}
     if quant == "int8":
         model = _nbits(model, 8, set(), accuracy_level)
-    else:  # lm_head and LoRA at 8 bit take the int8-activation path: 8-bit fp32-compute kernels are slow
+    else:  # lm_head, LoRA and merged weights at 8 bits (a merged adapter moves a weight off the base's gguf
+        # grid, where 4 bits would round it again); they take the int8-activation path: 8-bit fp32-compute
+        # kernels are slow
         eight = {n for n, k in kinds.items() if k != "linear"}
         model = _nbits(model, 8, set(kinds) - eight, ACCURACY_LEVEL)
         model = _nbits(model, 4, eight, accuracy_level)

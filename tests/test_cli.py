@@ -45,10 +45,17 @@ def test_unknown_option_is_usage_error(capsys):
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),
     (["bench", "--only", "latency", "--reps", "0"], "--reps must be at least 1"),
+    (["export", "--format", "coreml", "--lora", "shared", "--out", "/no/such/export"], "--lora applies to ONNX"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 1
     assert needle in _one_line_error(capsys)
+
+
+def test_export_lora_choices_are_the_exporters():
+    from clara_edge.export.onnx_export import LORA_MODES
+    export = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
+    assert tuple(next(a for a in export._actions if a.dest == "lora").choices) == LORA_MODES
 
 
 def test_info_on_a_base_folder(tiny_base_dir, capsys):

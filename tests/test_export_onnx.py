@@ -19,7 +19,7 @@ from tiny import randomize_adapters, tiny_clara  # noqa: E402
 
 from clara_edge.backend import EXPORT_MANIFEST, open_backend  # noqa: E402
 from clara_edge.errors import ClaraError  # noqa: E402
-from clara_edge.export.onnx_export import trace_graphs, write_onnx_export  # noqa: E402
+from clara_edge.export.onnx_export import LORA_MODES, trace_graphs, write_onnx_export  # noqa: E402
 from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
 from clara_edge.onnx_backend import CENTRE_FILE, KVCache, OnnxBackend  # noqa: E402
 from clara_edge.prefix_cache import PrefixCache  # noqa: E402
@@ -28,12 +28,13 @@ DOCS = ["The Eiffel Tower is in Paris, the capital of France.",
         "Water boils at 100 degrees Celsius at sea level.",
         "Mount Everest is the highest mountain above sea level, in Asia, between Nepal and China."]
 QUESTIONS = ["who wrote Hamlet?", "where is the tower?", "what boils at sea level?"]
+DEFAULT_LORA = LORA_MODES[0]
 _TMP = Path(tempfile.mkdtemp(prefix="clara-onnx-tests-"))
 atexit.register(shutil.rmtree, _TMP, True)
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_traced(family: str = "llama", lora: str = "shared"):
+def tiny_traced(family: str = "llama", lora: str = DEFAULT_LORA):
     """A tiny random model (non-trivial adapters) and its three traced fp32 graphs."""
     model = tiny_clara(family)
     randomize_adapters(model, scale=0.05)
@@ -41,7 +42,7 @@ def tiny_traced(family: str = "llama", lora: str = "shared"):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_onnx_export(quant: str = "fp32", family: str = "llama", lora: str = "shared"):
+def tiny_onnx_export(quant: str = "fp32", family: str = "llama", lora: str = DEFAULT_LORA):
     """(model, export dir) for the tiny model at `quant` (written once per test session)."""
     model, traced = tiny_traced(family, lora)
     return model, write_onnx_export(model, traced, _TMP / f"{family}-{lora}-{quant}", quant)
@@ -142,24 +143,39 @@ def test_graph_optimisations_do_not_change_results():
 def test_manifest_and_shared_weights():
     model, path = tiny_onnx_export("fp32")
     m = json.loads((path / EXPORT_MANIFEST).read_text())
-    assert m["format"] == "onnx" and m["quant"] == "fp32" and m["lora"] == "shared"
+    assert m["format"] == "onnx" and m["quant"] == "fp32" and m["lora"] == "merged-generator"
     assert m["fingerprint"] == model.fingerprint()
     assert m["special_ids"] == {t: model.special_ids[t] for t in m["special_ids"]}
     assert m["eos_ids"] == model.eos_ids()
     assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (2, 2, 8)
     assert {"compressor.onnx", "query.onnx", "generator.onnx", "weights.bin", "embeddings.npy"} <= set(m["files"])
     assert m["generator_graph"] == "fused"
-    # the three roles reference the same base weights, stored once: two of three copies saved
-    base = sum(p.numel() * 4 for n, p in model.lm.named_parameters() if "base_layer" in n)
-    assert m["weights_referenced_bytes"] - m["weights_unique_bytes"] >= 2 * base
     backend = open_backend(str(path))
     assert isinstance(backend, OnnxBackend) and backend.name == "onnx"
     assert backend.fingerprint() == model.fingerprint()
     assert backend.config == model.config
 
 
+def test_lora_modes_trade_size_for_generator_nodes():
+    import onnx
+
+    model = tiny_traced("llama", DEFAULT_LORA)[0]
+    unique, referenced, lora_inputs = {}, {}, {}
+    for lora in LORA_MODES:
+        _, path = tiny_onnx_export("fp32", "llama", lora)
+        m = json.loads((path / EXPORT_MANIFEST).read_text())
+        unique[lora], referenced[lora] = m["weights_unique_bytes"], m["weights_referenced_bytes"]
+        graph = onnx.load(str(path / "generator.onnx"), load_external_data=False).graph
+        lora_inputs[lora] = sum(".lora_" in name for node in graph.node for name in node.input)
+    base = sum(p.numel() * 4 for n, p in model.lm.named_parameters() if "base_layer" in n)  # adapted projections
+    assert referenced["shared"] - unique["shared"] >= 2 * base  # three roles, one stored copy of the base
+    # the generator's own merged copy of the adapted projections, less its LoRA matrices; the encoders share
+    assert unique["shared"] < unique["merged-generator"] <= unique["shared"] + base < unique["merged"]
+    assert lora_inputs["shared"] > 0 and lora_inputs["merged-generator"] == lora_inputs["merged"] == 0
+
+
 def test_the_retrieval_centre_travels_with_the_export(tmp_path):
-    model, traced = tiny_traced("llama", "shared")
+    model, traced = tiny_traced("llama", DEFAULT_LORA)
     assert OnnxBackend(tiny_onnx_export("fp32")[1]).retrieval_centre is None
     centre = torch.randn(model.config.n_mem, model.hidden_size)
     model.retrieval_centre = centre
@@ -205,13 +221,21 @@ def test_quantised_exports_run_and_agree(quant, cos_min, agree_min):
 def test_int4_uses_matmulnbits_with_8bit_head_and_lora():
     import onnx
 
-    _, path = tiny_onnx_export("int4")
-    graph = onnx.load(str(path / "generator.onnx"), load_external_data=False).graph
-    bits = sorted({next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"})
-    levels = {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in graph.node
-              if n.op_type == "MatMulNBits"}
-    assert bits == [4, 8] and levels == {4}
-    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
+    def generator_bits(lora: str) -> dict[str, int]:
+        """{quantised weight: bits} of the int4 generator graph; asserts nothing is left in fp32."""
+        graph = onnx.load(str(tiny_onnx_export("int4", "llama", lora)[1] / "generator.onnx"),
+                          load_external_data=False).graph
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nbits} == {4}
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
+        return {n.input[1]: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
+
+    shared = generator_bits("shared")  # the base at 4 bits (the gguf grid), LoRA and lm_head at 8
+    assert {b for w, b in shared.items() if ".lora_" in w or "lm_head" in w} == {8}
+    assert {b for w, b in shared.items() if ".lora_" not in w and "lm_head" not in w} == {4}
+    merged = generator_bits("merged-generator")  # a merged adapter leaves the grid: its weights stay at 8 bits
+    assert {b for w, b in merged.items() if ".merged." in w} == {8}
+    assert not [w for w in merged if ".lora_" in w]
 
 
 def _matmul_model(weight: np.ndarray):
@@ -256,7 +280,7 @@ def test_requantise_an_fp32_export(tmp_path):
 
     from clara_edge.export.api import export_model
 
-    model, path = tiny_onnx_export("fp32")
+    model, path = tiny_onnx_export("fp32", "llama", "shared")  # LoRA branches in every graph
     out = export_model(OnnxBackend(path), "onnx", "int4", tmp_path / "int4")
     m = json.loads((out / EXPORT_MANIFEST).read_text())
     assert m["quant"] == "int4" and m["fingerprint"] == model.fingerprint() and m["requantized_from"] == str(path)
@@ -314,7 +338,7 @@ def test_corrupted_manifest(tmp_path):
 
 
 def test_out_dir_that_is_not_an_export(tmp_path):
-    model, traced = tiny_traced("llama", "shared")
+    model, traced = tiny_traced("llama", DEFAULT_LORA)
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(ClaraError, match="not an export directory"):
         write_onnx_export(model, traced, tmp_path, "fp32")
@@ -322,7 +346,7 @@ def test_out_dir_that_is_not_an_export(tmp_path):
 
 
 def test_reexport_replaces_atomically(tmp_path):
-    model, traced = tiny_traced("llama", "shared")
+    model, traced = tiny_traced("llama", DEFAULT_LORA)
     out = write_onnx_export(model, traced, tmp_path / "x", "fp32")
     out = write_onnx_export(model, traced, tmp_path / "x", "int8")
     assert json.loads((out / EXPORT_MANIFEST).read_text())["quant"] == "int8"
