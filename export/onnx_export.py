@@ -49,6 +49,10 @@ from .onnx_fused import build_generator, fused_support
 from .quantize import ACCURACY_LEVEL, QUANTS, embedding_table, quantize_graph
 
 LORA_MODES = ("merged-generator", "shared", "merged")  # the first is the default
+WEIGHTS_FILE = "weights.bin"
+OPSET = 18
+_ALIGN = 4096  # page-aligned external tensors (onnxruntime can memory-map them)
+_INLINE_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
 
 def _role_lora(lora: str, role: str) -> str:
@@ -56,10 +60,6 @@ def _role_lora(lora: str, role: str) -> str:
     if lora == "merged-generator":
         return "merged" if role == "generator" else "shared"
     return lora
-WEIGHTS_FILE = "weights.bin"
-OPSET = 18
-_ALIGN = 4096  # page-aligned external tensors (onnxruntime can memory-map them)
-_INLINE_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
 
 # ------------------------------------------------------------------------------------------ graph modules

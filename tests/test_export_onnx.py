@@ -140,7 +140,7 @@ def test_graph_optimisations_do_not_change_results():
 
 
 # ------------------------------------------------------------------------------------------ the directory
-def test_manifest_and_shared_weights():
+def test_manifest_and_backend():
     model, path = tiny_onnx_export("fp32")
     m = json.loads((path / EXPORT_MANIFEST).read_text())
     assert m["format"] == "onnx" and m["quant"] == "fp32" and m["lora"] == "merged-generator"
