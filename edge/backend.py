@@ -16,8 +16,8 @@ from .errors import ClaraError
 from .model import ClaraConfig, Generation
 
 EXPORT_MANIFEST = "clara_export.json"  # marks an export directory; it is itself a model
-EXPORTER_REVISION = 3  # bumped when exporting the same model gives different graphs (2: fused ONNX generator;
-# 3: the ONNX generator merges its LoRA by default)
+EXPORTER_REVISION = 4  # bumped when exporting the same model gives different graphs (2: fused ONNX generator;
+# 3: the ONNX generator merges its LoRA by default; 4: quantised nodes carry their block offsets as weight rows)
 BACKENDS = ("torch", "onnx", "coreml")
 
 

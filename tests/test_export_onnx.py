@@ -238,41 +238,70 @@ def test_int4_uses_matmulnbits_with_8bit_head_and_lora():
     assert not [w for w in merged if ".lora_" in w]
 
 
-def _matmul_model(weight: np.ndarray):
+def _matmul_model(*weights: np.ndarray):
+    """x [b, t, K] -> y_i = x @ weights[i] for each weight (all read the same input)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    k, n = weight.shape
+    k = weights[0].shape[0]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(weights))], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "t", w.shape[1]]) for i, w in enumerate(weights)],
+        [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_block_offsets_make_gguf_grids_exact(quant):
-    """A weight already block-quantised with a float offset (gguf Q4_1, like the built-in base) comes back
-    exactly once each block's offset is corrected; integer zero points alone leave a bias per block."""
-    import onnxruntime as ort
-
-    from clara_edge.export.quantize import _nbits, quantize_graph
-
-    rng = np.random.default_rng(0)
-    k, n = 128, 48
+def _gguf_q4_1(rng, k: int, n: int) -> np.ndarray:
+    """A [k, n] weight on a Q4_1 grid: per block of 32 along k, min + q * step with float min and step."""
     d = rng.uniform(0.01, 0.03, (k // 32, 1, n))
     m = -d * rng.uniform(2, 13, (k // 32, 1, n))  # blocks straddle zero, as trained weights' blocks do
     q = rng.integers(0, 16, (k // 32, 32, n))
     q[:, 0], q[:, 1] = 0, 15  # every block spans its 16 levels, as Q4_1 blocks usually do
-    weight = (m + q * d).reshape(k, n).astype(np.float32)
-    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    return (m + q * d).reshape(k, n).astype(np.float32)
+
+
+def _run(model, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_block_offsets_bring_gguf_grids_back(quant):
+    """A weight already block-quantised with a float offset (gguf Q4_1, like the built-in base) comes back to
+    1e-3 of the output's range once each block's offset is folded into the node; integer zero points alone
+    leave a bias per block."""
+    from clara_edge.export.quantize import _nbits, quantize_graph
+
+    rng = np.random.default_rng(0)
+    weight = _gguf_q4_1(rng, 128, 48)
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
     ref = x @ weight
-    corrected = quantize_graph(_matmul_model(weight), quant, accuracy_level=1)
-    plain = _nbits(_matmul_model(weight), 4 if quant == "int4" else 8, set(), 1)  # integer zero points only
-    outs = {name: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-            for name, m in (("corrected", corrected), ("plain", plain))}
-    assert np.abs(outs["corrected"] - ref).max() < 1e-3 * np.abs(ref).max()
-    assert np.abs(outs["plain"] - ref).max() > 10 * np.abs(outs["corrected"] - ref).max()
+    (folded,) = _run(quantize_graph(_matmul_model(weight), quant, accuracy_level=1), x)
+    (plain,) = _run(_nbits(_matmul_model(weight), 4 if quant == "int4" else 8, set(), 1), x)  # zero points only
+    assert np.abs(folded - ref).max() < 1e-3 * np.abs(ref).max()
+    assert np.abs(plain - ref).max() > 10 * np.abs(folded - ref).max()
+
+
+def test_nodes_reading_one_input_share_its_block_sums():
+    """Two weights on one input: one Reshape / ReduceSum / Pad / Concat, both nodes read it; K grows by the
+    4-bit nodes' two levels of offset rows (the first padded to a whole block)."""
+    import onnx
+
+    from clara_edge.export.quantize import quantize_graph
+
+    rng = np.random.default_rng(1)
+    weights = [_gguf_q4_1(rng, 64, 24), _gguf_q4_1(rng, 64, 40)]
+    model = quantize_graph(_matmul_model(*weights), "int4", accuracy_level=1)
+    onnx.checker.check_model(model)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    ops = [n.op_type for n in model.graph.node]
+    assert [ops.count(op) for op in ("Reshape", "ReduceSum", "Pad", "Concat", "MatMulNBits")] == [1, 1, 1, 1, 2]
+    assert {n.input[0] for n in nbits} == {next(n for n in model.graph.node if n.op_type == "Concat").output[0]}
+    assert {next(a.i for a in n.attribute if a.name == "K") for n in nbits} == {64 + 32 + 2}
+    x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    for out, weight in zip(_run(model, x), weights):
+        assert np.abs(out - x @ weight).max() < 1e-3 * np.abs(x @ weight).max()
 
 
 def test_requantise_an_fp32_export(tmp_path):
