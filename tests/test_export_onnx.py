@@ -246,7 +246,8 @@ def _matmul_model(*weights: np.ndarray):
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(weights))], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
-        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "t", w.shape[1]]) for i, w in enumerate(weights)],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "t", w.shape[1]])
+         for i, w in enumerate(weights)],
         [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
