@@ -81,6 +81,17 @@ def test_fp32_generator_matches_torch_through_kv_cache_steps():
     assert np.abs(ref - got).max() < 1e-4
 
 
+def test_decode_steps_reuse_one_binding_until_the_cache_grows():
+    """The KV buffers are bound once per capacity (rebinding them every step cost 3 % of a decode step); growth
+    moves them, so the binding is rebuilt (stepping across growth: test_fused_generator_computes_what_torch_traces)."""
+    backend = OnnxBackend(tiny_onnx_export("fp32")[1])
+    session, state = backend.session("generator"), backend._generator_state(1)
+    first = state.binding(session)
+    assert state.binding(session) is first
+    state.reserve(state.capacity + 1)
+    assert state.binding(session) is not first
+
+
 def test_fp32_generate_equals_torch_batched_left_padded():
     model, path = tiny_onnx_export("fp32")
     backend = open_backend(str(path))
