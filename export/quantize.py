@@ -74,6 +74,12 @@ def _unpack_zero_points(zero_points: np.ndarray, n: int, blocks: int, bits: int)
     return (_unpack_nibbles(zp) if bits == 4 else zp)[:, :blocks]
 
 
+def _dequantize_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
+    """q [N, blocks, block] with per-block scales and zero points [N, blocks] -> fp32 [N, blocks * block]."""
+    w = (q.astype(np.float32) - zero_points[..., None].astype(np.float32)) * scales[..., None].astype(np.float32)
+    return w.reshape(q.shape[0], -1)
+
+
 def _dequantize_nbits(node, tensors: dict) -> np.ndarray:
     """A MatMulNBits node's weight as it computes it, [K, N] fp32: (q - zero_point) * scale per block."""
     from onnx import numpy_helper
@@ -88,8 +94,7 @@ def _dequantize_nbits(node, tensors: dict) -> np.ndarray:
         zp = _unpack_zero_points(numpy_helper.to_array(tensors[node.input[3]]), n, blocks, bits).astype(np.float32)
     else:
         zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
-    w = (q[:, :, :block].astype(np.float32) - zp[:, :, None]) * scales[:, :, None]
-    return w.reshape(n, -1)[:, :k].T
+    return _dequantize_blocks(q[:, :, :block], scales, zp)[:, :k].T
 
 
 def _quantize_rows(values: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,7 +189,7 @@ def _append_offset_rows(node, tensors: dict, original: np.ndarray, levels: int) 
     parts = []
     for _ in range(levels):
         q, scales, zp = _quantize_rows(remainder, bits, block)
-        remainder = remainder - ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(n, -1)[:, :blocks]
+        remainder = remainder - _dequantize_blocks(q, scales, zp)[:, :blocks]
         parts.append((q, scales, zp))
     q, scales, zp = (np.concatenate(part, axis=1) for part in zip(*parts))
     packed, scale_t, zp_t = (tensors[name] for name in node.input[1:4])
