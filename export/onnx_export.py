@@ -46,6 +46,7 @@ from clara_edge.onnx_backend import (CENTRE_FILE, EMBEDDING_SCALES_FILE, EMBEDDI
 from clara_edge.prompt import special_tokens
 
 from .onnx_fused import build_generator, fused_support
+from .outliers import OUTLIER_CHANNELS
 from .quantize import ACCURACY_LEVEL, QUANTS, embedding_table, quantize_graph
 
 LORA_MODES = ("merged-generator", "shared", "merged")  # the first is the default
@@ -53,6 +54,7 @@ WEIGHTS_FILE = "weights.bin"
 OPSET = 18
 _ALIGN = 4096  # page-aligned external tensors (onnxruntime can memory-map them)
 _INLINE_BYTES = 1024  # smaller tensors stay inside the .onnx file
+CALIBRATION_TOKENS = 256
 
 
 def _role_lora(lora: str, role: str) -> str:
@@ -353,9 +355,30 @@ def staging_dir(out_dir: str | Path) -> Path:
     return tmp
 
 
+def calibration_embeds(tokenizer, table: np.ndarray) -> np.ndarray:
+    """[T, H] embeddings of the bundled demo corpus's first CALIBRATION_TOKENS tokens: the prefill from which the
+    quantiser learns each input's outlier channels (`outliers`; those channels are large at every position)."""
+    from clara_edge.demo import demo_documents
+
+    text = "\n\n".join(p.read_text() for p in demo_documents())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS]
+    return np.asarray(table[ids], dtype=np.float32)
+
+
+def calibration_feeds(role: str, embeds: np.ndarray, manifest: dict) -> dict[str, np.ndarray]:
+    """One batch-1 prefill of `embeds` [T, H] for a role's graph (the generator with an empty past)."""
+    feeds = {"inputs_embeds": embeds[None], "attention_mask": np.ones((1, len(embeds)), np.int64)}
+    if role == "generator":
+        feeds["position_ids"] = np.arange(len(embeds), dtype=np.int64)[None]
+        past = np.zeros((1, manifest["num_kv_heads"], 0, manifest["head_dim"]), np.float32)
+        feeds.update({f"past_{kind}_{i}": past for i in range(manifest["num_layers"]) for kind in ("key", "value")})
+    return feeds
+
+
 def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: int | None, manifest: dict,
-                write_rest) -> Path:
-    """Quantise `protos` (consumed), write graphs + weights, `write_rest(tmp)` the rest, then the manifest."""
+                write_rest, calibration: np.ndarray) -> Path:
+    """Quantise `protos` (consumed; `calibration` [T, H] embeddings for the outlier channels), write graphs +
+    weights, `write_rest(tmp)` the rest, then the manifest."""
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
     level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
@@ -363,13 +386,14 @@ def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: i
     try:
         for role in ROLES:
             protos[role] = quantize_graph(protos[role], quant, level, manifest["config"]["lora_r"],
-                                          manifest["vocab_size"])
+                                          manifest["vocab_size"], calibration_feeds(role, calibration, manifest))
         stats = save_graphs(protos, tmp)
         protos.clear()
         write_rest(tmp)
         quantised = quant in ("int8", "int4")
         manifest.update({
             "quant": quant, "accuracy_level": level if quantised else None,
+            "outlier_channels": OUTLIER_CHANNELS if quantised else None,
             "graphs": {role: f"{role}.onnx" for role in ROLES}, "weights": WEIGHTS_FILE, "kv_dtype": "float32",
             "opset": OPSET, "embeddings": {"file": EMBEDDINGS_FILE, "dtype": "int8" if quantised else quant,
                                            "scales": EMBEDDING_SCALES_FILE if quantised else None},
@@ -390,15 +414,16 @@ def write_onnx_export(model: ClaraModel, traced: TracedGraphs, out_dir: str | Pa
                      "num_layers": traced.num_layers, "num_kv_heads": traced.num_kv_heads,
                      "head_dim": traced.head_dim, "vocab_size": traced.vocab_size})
     protos = {role: copy.deepcopy(traced.protos[role]) for role in ROLES}
+    table = model.input_embeddings.weight.detach().to("cpu", torch.float32).numpy()
     return _write_onnx(out_dir, protos, quant, accuracy_level, manifest,
-                       lambda tmp: write_common(model, tmp, quant))
+                       lambda tmp: write_common(model, tmp, quant), calibration_embeds(model.tokenizer, table))
 
 
 def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy_level: int | None = None) -> Path:
     """Quantise an fp32 ONNX export into a new export directory, without the model or a new trace."""
     import onnx
 
-    from clara_edge.onnx_backend import read_manifest
+    from clara_edge.onnx_backend import load_tokenizer, read_manifest
 
     src = Path(src)
     manifest = read_manifest(src, "onnx")
@@ -414,7 +439,9 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
         shutil.copy2(src / SPECIAL_EMBEDDINGS_FILE, tmp / SPECIAL_EMBEDDINGS_FILE)
         write_table(tmp, np.load(src / EMBEDDINGS_FILE), quant)
 
-    return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest)
+    calibration = calibration_embeds(load_tokenizer(src, manifest), np.load(src / EMBEDDINGS_FILE))
+    return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest,
+                       calibration)
 
 
 def export_onnx(model: ClaraModel, out_dir: str | Path, quant: str = "fp32", lora: str = LORA_MODES[0],

@@ -7,7 +7,8 @@
           matrices 8 bit (lm_head is the most sensitive layer; LoRA B's K = r is below one block)
 
 Blocks run along K (the input dimension), asymmetric with a zero point per block, plus a per-block offset
-correction carried inside each node (`fold_block_offsets`). The embedding table is int8 with an fp16 scale per
+correction carried inside each node (`fold_block_offsets`); 8-bit nodes read their inputs' outlier channels as
+a block of their own (`outliers`, given calibration feeds). The embedding table is int8 with an fp16 scale per
 32 values for int8 / int4 exports, fp16 for fp16, fp32 for fp32.
 """
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _nbits(model, bits: int, exclude: set[str], accuracy_level: int):
                                      accuracy_level=accuracy_level, nodes_to_exclude=sorted(exclude))
     quantizer.process()
     return quantizer.model.model
+
+
+def _source(node) -> str | None:
+    """The fp32 weight a MatMulNBits node was quantised from (the quantiser names its weights `<source>_Q<bits>...`)."""
+    return node.input[1].rsplit("_Q", 1)[0] if node.op_type == "MatMulNBits" else None
 
 
 def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
@@ -135,7 +141,7 @@ def fold_block_offsets(model, originals: dict[str, np.ndarray]):
     nodes = []
     for node in model.graph.node:
         attr = {a.name: a for a in node.attribute}
-        source = node.input[1].rsplit("_Q", 1)[0] if node.op_type == "MatMulNBits" else None
+        source = _source(node)
         k, block = (attr["K"].i, attr["block_size"].i) if source else (0, 1)
         if source not in originals or k % block:
             nodes.append(node)
@@ -214,9 +220,14 @@ def _const(model, name: str, value: np.ndarray) -> str:
 
 
 def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora_r: int | None = None,
-                   vocab_size: int | None = None):
-    """An exported fp32 ModelProto -> its `quant` version (a new proto; the input may be modified)."""
+                   vocab_size: int | None = None, calibration: dict[str, np.ndarray] | None = None):
+    """An exported fp32 ModelProto -> its `quant` version (a new proto; the input may be modified).
+
+    calibration: feeds for one fp32 run of the graph, from which 8-bit nodes learn their inputs' outlier
+    channels (`outliers`); without it no channel is isolated."""
     from onnx import numpy_helper
+
+    from .outliers import calibrate, isolate_outlier_channels
 
     if quant not in QUANTS:
         raise ValueError(f"unknown quantisation {quant!r}")
@@ -231,6 +242,8 @@ def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora
     weights = {n.input[1] for n in model.graph.node if n.name in kinds}
     originals = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer
                  if t.name in weights}
+    channels = {} if calibration is None else calibrate(
+        model, calibration, {n.input[0] for n in model.graph.node if n.name in kinds}, BLOCK_SIZE)
     if quant == "int8":
         model = _nbits(model, 8, set(), accuracy_level)
     else:  # lm_head, LoRA and merged weights at 8 bits (a merged adapter moves a weight off the base's gguf
@@ -239,7 +252,7 @@ def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora
         eight = {n for n, k in kinds.items() if k != "linear"}
         model = _nbits(model, 8, set(kinds) - eight, ACCURACY_LEVEL)
         model = _nbits(model, 4, eight, accuracy_level)
-    return fold_block_offsets(model, originals)
+    return fold_block_offsets(isolate_outlier_channels(model, originals, channels), originals)
 
 
 def quantize_blocks_int8(table: np.ndarray, block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
