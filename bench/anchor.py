@@ -6,6 +6,8 @@ each k's text-RAG prompts (the token ids our text baseline feeds its own generat
 are run greedily: one warm-up, then `reps` questions, mean ± std of TTFT (eval of the prompt + the first
 token), prefill tokens/s (prompt positions / TTFT) and decode tokens/s (tokens after the first / time after
 the first). The KV cache is reset before every question, so no prompt prefix is reused between questions.
+The bench runs the anchor twice, half its questions before the latency workers and half after, and pools them
+(`bracket`): this VM's speed drifts by 10-20 % over minutes, and bracketed, the drift weighs on both sides.
 `run_anchor_subprocess` runs it in a fresh process (`python -m clara_edge.bench.anchor`): a llama.cpp built for
 CPU features the machine lacks dies of SIGILL, and that must cost the anchor rows, not the whole report.
 """
@@ -28,7 +30,7 @@ BACKEND = "llama.cpp Q4_1"
 def anchor_row(k: int | None, **fields) -> dict:
     row = {"method": METHOD, "backend": BACKEND, "k": k, "positions": None, "ttft_s": None, "ttft_std_s": None,
            "prefill_tokens_per_s": None, "prefill_std": None, "decode_tokens_per_s": None, "decode_std": None,
-           "reps": 0, "note": ""}
+           "reps": 0, "samples": None, "note": ""}
     row.update(fields)
     return row
 
@@ -112,13 +114,37 @@ def run_anchor(prompts: dict[int, list[list[int]]], *, n_ctx: int, threads: int,
                     ttft.append(t)
                     decode.append(d)
                     positions.append(len(tokens))
-            prefill = [p / t for p, t in zip(positions, ttft) if t > 0]
-            (t_mean, t_std), (p_mean, p_std), (d_mean, d_std) = mean_std(ttft), mean_std(prefill), mean_std(decode)
-            rows.append(anchor_row(k, positions=round(sum(positions) / len(positions)), ttft_s=t_mean,
-                                   ttft_std_s=t_std, prefill_tokens_per_s=p_mean, prefill_std=p_std,
-                                   decode_tokens_per_s=d_mean, decode_std=d_std, reps=reps))
+            rows.append(measured_row(k, {"positions": positions, "ttft": ttft, "decode": decode}))
         del llm
     return sorted(rows, key=lambda r: r["k"] or 0)
+
+
+def measured_row(k: int, samples: dict[str, list]) -> dict:
+    """An anchor row from its per-question samples {"positions", "ttft", "decode"} (kept in the row)."""
+    positions, ttft = samples["positions"], samples["ttft"]
+    prefill = [p / t for p, t in zip(positions, ttft) if t > 0]
+    (t_mean, t_std), (p_mean, p_std), (d_mean, d_std) = mean_std(ttft), mean_std(prefill), mean_std(samples["decode"])
+    return anchor_row(k, positions=round(sum(positions) / len(positions)), ttft_s=t_mean, ttft_std_s=t_std,
+                      prefill_tokens_per_s=p_mean, prefill_std=p_std, decode_tokens_per_s=d_mean, decode_std=d_std,
+                      reps=len(ttft), samples=samples)
+
+
+def bracket(before: list[dict], after: list[dict]) -> list[dict]:
+    """Pool two anchor runs, one before and one after what they anchor: per k, mean ± std over both runs'
+    questions; the note gives each run's decode rate. Rows without samples (notes) come from `before`."""
+    later = {r["k"]: r for r in after if r.get("samples")}
+    rows = []
+    for row in before:
+        other = later.get(row["k"])
+        if not row.get("samples") or other is None:
+            rows.append({**row, "note": row["note"] or "measured before the latency runs only"}
+                        if row.get("samples") else row)
+            continue
+        pooled = measured_row(row["k"], {key: row["samples"][key] + other["samples"][key] for key in row["samples"]})
+        pooled["note"] = (f"decode {row['decode_tokens_per_s']:.1f} before, {other['decode_tokens_per_s']:.1f} "
+                          "after the latency runs")
+        rows.append(pooled)
+    return rows
 
 
 def run_anchor_subprocess(prompts: dict[int, list[list[int]]], notes: dict[int, str] | None = None,

@@ -47,7 +47,7 @@ from pathlib import Path
 from clara_edge.errors import ClaraError
 
 from .accuracy import QUICK_ROWS, dataset_files, run_accuracy
-from .anchor import NOT_INSTALLED, run_anchor_subprocess
+from .anchor import NOT_INSTALLED, bracket, run_anchor_subprocess
 from .latency import (KS, POOL, TORCH_KINDS, eval_dir, expand_backends, fmt_pm, latency_source, load_documents,
                       make_exports, run_latency)
 from .plots import write_plots
@@ -288,7 +288,8 @@ def render_markdown(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ the run
 def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir: Path | None,
-                 log: Callable[[str], None]) -> list[dict]:
+                 log: Callable[[str], None], first: int = 0) -> list[dict]:
+    """llama.cpp rows for questions[first:first + reps + 1] of the latency set (the first one warms up)."""
     from clara_edge.base_models import DEFAULT_BASE
 
     from .anchor import anchor_row, llama_cpp_version
@@ -302,12 +303,12 @@ def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir
     n_ctx = primary.max_positions
     prompts, notes = {}, {}
     for k in ANCHOR_KS:
-        ids = [primary.text_prompt_ids(q, docs[:k]) for q in questions[:reps + 1]]
+        ids = [primary.text_prompt_ids(q, docs[:k]) for q in questions[first:first + reps + 1]]
         if max(len(i) for i in ids) + max_new_tokens > n_ctx:
             notes[k] = f"exceeds context ({max(len(i) for i in ids)} positions > {n_ctx})"
         else:
             prompts[k] = ids
-    log("anchor: llama.cpp")
+    log(f"anchor: llama.cpp, questions {first + 1}-{first + reps + 1}")
     return run_anchor_subprocess(prompts, notes, n_ctx=n_ctx, threads=threads, reps=reps,
                                  max_new_tokens=max_new_tokens)
 
@@ -391,6 +392,8 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
                        if isinstance(primary, ClaraModel) else {})
         setup_s = time.perf_counter() - t0
         report["exports"] = {name: str(value) for name, value in exports.items()}
+        half = max(1, reps // 2)  # the anchor's questions: half before the latency workers, the rest after
+        anchor_before = _anchor_rows(primary, lat_tokens, half, threads, data_dir, log)
         log("latency (one process per backend and method)")
         latency, workers = run_latency(None if manifest else model, backends, exports, quick=quick,
                                        data_dir=data_dir, compression=rates[0], base=base, device=device,
@@ -400,7 +403,8 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
             row["prefill_tokens_per_s"] = (row["positions"] / row["ttft_cold_s"]  # the whole prompt's prefill
                                            if row.get("ttft_cold_s") and row.get("positions") else None)
         report["latency"], report["latency_workers"] = latency, workers
-        report["anchor"] = _anchor_rows(primary, lat_tokens, reps, threads, data_dir, log)
+        report["anchor"] = bracket(anchor_before, _anchor_rows(primary, lat_tokens, max(1, reps - half), threads,
+                                                               data_dir, log, first=half))
     del primary
     gc.collect()
     report["accuracy"] = []

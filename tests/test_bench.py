@@ -142,6 +142,24 @@ def test_anchor_with_a_stand_in_llama_cpp(monkeypatch, tmp_path):
     assert anchor.run_anchor({}, n_ctx=1, threads=1, reps=1, max_new_tokens=1)[0]["note"] == anchor.NOT_INSTALLED
 
 
+def test_bracketed_anchor_pools_both_runs():
+    """Before and after the latency workers: per k, mean ± std over both runs' questions, each run's rate in the
+    note; note rows pass through, and a k the second run lacks says so."""
+    from clara_edge.bench.latency import mean_std
+
+    def run(decode: list[float], ks=(1, 5)) -> list[dict]:
+        return [anchor.measured_row(k, {"positions": [300 * k] * len(decode), "ttft": [0.5 * k] * len(decode),
+                                        "decode": decode}) for k in ks] + [anchor.anchor_row(100, note="exceeds")]
+
+    rows = anchor.bracket(run([100.0, 104.0]), run([80.0, 84.0], ks=(1,)))
+    assert [r["k"] for r in rows] == [1, 5, 100]
+    assert rows[0]["reps"] == 4 and rows[0]["positions"] == 300
+    assert (rows[0]["decode_tokens_per_s"], rows[0]["decode_std"]) == mean_std([100.0, 104.0, 80.0, 84.0])
+    assert rows[0]["note"] == "decode 102.0 before, 82.0 after the latency runs"
+    assert rows[1]["reps"] == 2 and rows[1]["note"] == "measured before the latency runs only"
+    assert rows[2]["note"] == "exceeds" and rows[2]["decode_tokens_per_s"] is None
+
+
 def test_worker_payloads_larger_than_a_command_line_argument(tmp_path):
     """A full run's k=20 prompts are ~130 KB of JSON, beyond one argument's 128 KiB: the payload goes by file."""
     (tmp_path / "llama_cpp.py").write_text("raise ImportError('a stand-in: not installed')\n")
