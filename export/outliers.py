@@ -66,6 +66,8 @@ def activations(model, feeds: dict[str, np.ndarray], names: Iterable[str]) -> di
                              functions=model.functions)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: copies cost, not speed
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     values = [ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in big]
     opts.add_external_initializers([t.name for t in big], values)
     session = ort.InferenceSession(lite.SerializeToString(), opts, providers=["CPUExecutionProvider"])
