@@ -407,13 +407,14 @@ def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: i
 
 
 def write_onnx_export(model: ClaraModel, traced: TracedGraphs, out_dir: str | Path, quant: str = "fp32",
-                      source: str | None = None, accuracy_level: int | None = None) -> Path:
-    """Quantise traced graphs and write a complete export directory (atomically)."""
+                      source: str | None = None, accuracy_level: int | None = None, consume: bool = False) -> Path:
+    """Quantise traced graphs and write a complete export directory (atomically). `consume=True` quantises
+    `traced`'s graphs in place, leaving it empty: no copy of the fp32 graphs (1.4 GB less peak RSS for SmolLM2)."""
     manifest = base_manifest(model, "onnx", quant, source)
     manifest.update({"lora": traced.lora, "generator_graph": traced.generator_graph,
                      "num_layers": traced.num_layers, "num_kv_heads": traced.num_kv_heads,
                      "head_dim": traced.head_dim, "vocab_size": traced.vocab_size})
-    protos = {role: copy.deepcopy(traced.protos[role]) for role in ROLES}
+    protos = traced.protos if consume else {role: copy.deepcopy(traced.protos[role]) for role in ROLES}
     table = model.input_embeddings.weight.detach().to("cpu", torch.float32).numpy()
     return _write_onnx(out_dir, protos, quant, accuracy_level, manifest,
                        lambda tmp: write_common(model, tmp, quant), calibration_embeds(model.tokenizer, table))
@@ -449,4 +450,4 @@ def export_onnx(model: ClaraModel, out_dir: str | Path, quant: str = "fp32", lor
     """Export `model` as an ONNX directory at `out_dir` (quant: fp32 | fp16 | int8 | int4)."""
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
-    return write_onnx_export(model, trace_graphs(model, lora), out_dir, quant, source, accuracy_level)
+    return write_onnx_export(model, trace_graphs(model, lora), out_dir, quant, source, accuracy_level, consume=True)
