@@ -83,7 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = MemoryStore.open(Path(args.store)).info()
     else:
         model = _open(args)
-        info = {"backend": model.name, "fingerprint": model.fingerprint(), **model.config.to_dict(),
+        export = model.describe() if hasattr(model, "describe") else {}  # export directories describe themselves
+        info = {"backend": model.name, **export, "fingerprint": model.fingerprint(), **model.config.to_dict(),
                 "n_mem": model.config.n_mem, "retrieval": "centred cosine" if model.retrieval_centre is not None
                 else "cosine"}
     if args.json:

@@ -152,10 +152,10 @@ class ExportedBackend:
         return list(self.eos_list)
 
     def describe(self) -> dict:
-        m = self.manifest
-        return {"backend": self.name, "path": str(self.path), "quant": m.get("quant"), "lora": m.get("lora"),
-                "size_mb": m.get("size_mb"), "base_model": self.config.base_model,
-                "compression_rate": self.config.compression_rate, "n_mem": self.config.n_mem}
+        """What `clara-edge info` shows of an export beyond its model's config."""
+        fields = ("format", "quant", "lora", "generator_graph", "accuracy_level", "outlier_channels", "size_mb",
+                  "exporter_revision")
+        return {"path": str(self.path), **{k: self.manifest[k] for k in fields if self.manifest.get(k) is not None}}
 
     # ---------------------------------------------------------------- embeddings
     def _load_embeddings(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

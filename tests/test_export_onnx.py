@@ -165,6 +165,19 @@ def test_manifest_and_backend():
     assert isinstance(backend, OnnxBackend) and backend.name == "onnx"
     assert backend.fingerprint() == model.fingerprint()
     assert backend.config == model.config
+    assert backend.describe() == {"path": str(path), "format": "onnx", "quant": "fp32", "lora": "merged-generator",
+                                  "generator_graph": "fused", "size_mb": m["size_mb"],
+                                  "exporter_revision": m["exporter_revision"]}
+
+
+def test_info_shows_what_an_export_is(capsys):
+    from clara_edge.cli import main
+
+    _, path = tiny_onnx_export("int8")
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["backend"], info["quant"], info["accuracy_level"], info["outlier_channels"]) == ("onnx", "int8", 4, 4)
+    assert info["lora"] == "merged-generator" and info["size_mb"] > 0 and info["compression_rate"] == 16
 
 
 def test_lora_modes_trade_size_for_generator_nodes():
