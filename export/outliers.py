@@ -7,8 +7,9 @@ default model that activation rounding, not the 8-bit weights, is most of an 8-b
 input has such channels reads `[x * mask, x @ S]` against `[W; W[idx]]`: the outlier channels are zeroed in
 place (their weight rows stay, so a gguf grid stays intact) and copied into one extra block, padded with zeros,
 whose rows hold their weights. The channels come from a calibration prefill of the fp32 graph; an input is
-treated when that cuts its simulated rounding error by MIN_GAIN (on the default model: the inputs of q / k / v,
-gate / up and the lm_head, not those of o_proj and down_proj, whose large values move from position to position).
+treated when that cuts its simulated rounding error by MIN_GAIN (in the default int8 generator: q / k / v in every
+layer, gate / up in 25 of 30 and the lm_head; o_proj and down_proj, whose large values mostly move from position to
+position, in 2 layers each).
 Only 8-bit nodes: at 4 bits the copied rows would be rounded to 16 levels, the error moved rather than removed.
 """
 from __future__ import annotations
