@@ -438,9 +438,10 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
     def write_rest(tmp: Path) -> None:
         shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         shutil.copy2(src / SPECIAL_EMBEDDINGS_FILE, tmp / SPECIAL_EMBEDDINGS_FILE)
-        write_table(tmp, np.load(src / EMBEDDINGS_FILE), quant)
+        write_table(tmp, table, quant)
 
-    calibration = calibration_embeds(load_tokenizer(src, manifest), np.load(src / EMBEDDINGS_FILE))
+    table = np.load(src / EMBEDDINGS_FILE)
+    calibration = calibration_embeds(load_tokenizer(src, manifest), table)
     return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest,
                        calibration)
 

@@ -99,9 +99,9 @@ def isolate_outlier_channels(model, originals: dict[str, np.ndarray], channels: 
     """Route each 8-bit MatMulNBits node reading an input in `channels` through `[x * mask, x @ S]` (one Mul,
     MatMul and Concat per input, shared by its readers) and append its weight's outlier rows as one 8-bit block.
     `originals` (weight name -> fp32 [K, N]) gains the same rows, so `fold_block_offsets` corrects them too."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    from .quantize import _const, _quantize_rows, _source, _unpack_zero_points
+    from .quantize import _const, _quantize_rows, _source, append_weight_blocks
 
     tensors = {t.name: t for t in model.graph.initializer}
     readers: dict[str, set[str]] = {}
@@ -134,14 +134,7 @@ def isolate_outlier_channels(model, originals: dict[str, np.ndarray], channels: 
         if node.input[1] not in extended:  # a weight read by several nodes is extended once
             rows = np.zeros((block, n), np.float32)
             rows[:len(idx)] = originals[source][idx]
-            q, scales, zp = _quantize_rows(rows.T.copy(), 8, block)  # one block per column
-            packed, scale_t, zp_t = (tensors[name] for name in node.input[1:4])
-            old_scales = numpy_helper.to_array(scale_t).reshape(n, -1)
-            old_zp = _unpack_zero_points(numpy_helper.to_array(zp_t), n, k // block, 8)
-            for tensor, value in ((packed, np.concatenate([numpy_helper.to_array(packed), q], axis=1)),
-                                  (scale_t, np.concatenate([old_scales, scales.astype(old_scales.dtype)], axis=1)),
-                                  (zp_t, np.concatenate([old_zp, zp], axis=1))):
-                tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+            append_weight_blocks(node, tensors, *_quantize_rows(rows.T.copy(), 8, block))  # one block per column
             originals[source] = np.concatenate([originals[source], rows])
             extended.add(node.input[1])
         node.input[0] = routed[x]

@@ -186,8 +186,6 @@ def _offset_levels(bits: int) -> int:
 def _append_offset_rows(node, tensors: dict, original: np.ndarray, levels: int) -> None:
     """Append R (the mean residual of each of the node's blocks, [K/block, N]) to its weight as extra rows:
     `levels` quantised copies, each of the remainder of the previous, each but the last padded to whole blocks."""
-    from onnx import numpy_helper
-
     attr = {a.name: a.i for a in node.attribute}
     k, n, bits, block = attr["K"], attr["N"], attr["bits"], attr["block_size"]
     blocks = k // block
@@ -197,13 +195,23 @@ def _append_offset_rows(node, tensors: dict, original: np.ndarray, levels: int) 
         q, scales, zp = _quantize_rows(remainder, bits, block)
         remainder = remainder - _dequantize_blocks(q, scales, zp)[:, :blocks]
         parts.append((q, scales, zp))
-    q, scales, zp = (np.concatenate(part, axis=1) for part in zip(*parts))
+    append_weight_blocks(node, tensors, *(np.concatenate(part, axis=1) for part in zip(*parts)))
+
+
+def append_weight_blocks(node, tensors: dict, q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> None:
+    """Append blocks (q [N, nb, block] unpacked, scales and zero points [N, nb]) after a MatMulNBits node's
+    K / block blocks of weight; the caller updates the node's K."""
+    from onnx import numpy_helper
+
+    attr = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = attr["K"], attr["N"], attr["bits"], attr["block_size"]
     packed, scale_t, zp_t = (tensors[name] for name in node.input[1:4])
-    zero_points = np.concatenate([_unpack_zero_points(numpy_helper.to_array(zp_t), n, blocks, bits), zp], axis=1)
+    zero_points = np.concatenate([_unpack_zero_points(numpy_helper.to_array(zp_t), n, k // block, bits), zero_points],
+                                 axis=1)
     if bits == 4:
         q = _pack_nibbles(q)
         zero_points = _pack_nibbles(np.pad(zero_points, ((0, 0), (0, zero_points.shape[1] % 2))))
-    old_scales = numpy_helper.to_array(scale_t)  # [N, blocks]
+    old_scales = numpy_helper.to_array(scale_t).reshape(n, -1)  # [N, blocks]
     for tensor, value in ((packed, np.concatenate([numpy_helper.to_array(packed), q], axis=1)),
                           (scale_t, np.concatenate([old_scales, scales.astype(old_scales.dtype)], axis=1)),
                           (zp_t, zero_points)):
