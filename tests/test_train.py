@@ -254,8 +254,8 @@ def test_recipes_resolve():
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
     instruct = default["stages"][1]
-    assert all(text["stages"][0][k] == instruct[k] for k in ("k", "targets", "questions_per_passage",
-                                                             "multihop_repeat", "max_target_tokens"))
+    assert all(text["stages"][0][k] == instruct[k] for k in ("epochs", "k", "targets", "questions_per_passage",
+                                                             "multihop_repeat", "max_target_tokens", "max_answer_words"))
     with pytest.raises(ClaraError, match="unknown fields"):
         load_recipe("tiny", {"stages.0.lrr": 1.0})
     with pytest.raises(ClaraError, match="not found"):
