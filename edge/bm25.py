@@ -60,6 +60,13 @@ class BM25Index:
         order = np.argsort(-self.scores(question), kind="stable")
         return order[:k].tolist()
 
+    def matches(self, question: str, k: int) -> list[int]:
+        """As `top_k`, but only candidates sharing a term with the question (score > 0): a document BM25 did not
+        match is no evidence, and ranking it by candidate order would be noise in a fusion."""
+        scores = self.scores(question)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return order[scores[order] > 0].tolist()
+
 
 class BM25Cache:
     """One index per candidate set object: a pooled corpus shared by many rows is indexed once."""

@@ -36,7 +36,9 @@ def _backend_option(p: argparse.ArgumentParser) -> None:
 def _ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="memory store directory")
     p.add_argument("--top-k", default="5", help="documents to use, or 'auto' (as many as fit above --min-score)")
-    p.add_argument("--min-score", type=float, default=0.0, help="score floor for --top-k auto")
+    p.add_argument("--min-score", type=float, default=0.0, help="cosine floor for --top-k auto (clara retriever)")
+    p.add_argument("--retriever", default="clara", choices=["clara", "hybrid"],
+                   help="clara: memories alone; hybrid: fused with BM25 over the chunks' text (default clara)")
     p.add_argument("--context", type=int, default=4096, help="generator context positions (default 4096)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -110,7 +112,7 @@ def _print_answer(answer, as_json: bool) -> None:
 def _runtime(args: argparse.Namespace):
     args.top_k = _top_k(args.top_k)  # validate options before loading anything
     from .runtime import Runtime
-    return Runtime.open(_open(args), Path(args.store), context=args.context)
+    return Runtime.open(_open(args), Path(args.store), context=args.context, retriever=args.retriever)
 
 
 def _ask_once(rt, question: str, args: argparse.Namespace):
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="eval JSONL (the ../shared/data row format)")
     p.add_argument("--corpus", default=None, help="retrieve over this corpus (JSON list or JSONL of title/text)")
     p.add_argument("--mode", default="clara", choices=["clara", "text", "text-tuned", "closed-book"])
-    p.add_argument("--retriever", default=None, choices=["bm25", "clara", "oracle"],
+    p.add_argument("--retriever", default=None, choices=["bm25", "clara", "hybrid", "oracle"],
                    help="default: clara for --mode clara, bm25 for text modes")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="first N rows only")

@@ -14,10 +14,13 @@ nothing is normalised at query time. Rows that are not live (deleted, replaced, 
 indexed) never come back.
 `use_faiss=True` searches a faiss inner-product index over the normalised live rows instead (built on first
 use per store state and kept in memory; an IndexFlatIP by default, any index_factory string otherwise).
+`hybrid_search` fuses the cosine ranking with BM25's over the chunks' text (reciprocal rank fusion; the BM25
+index is built on first use per store state, like faiss's).
 """
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from .store import MemoryStore, decode
 
 BLOCK_VALUES = 1 << 22  # fp32 values per scoring block (16 MiB): large enough for a fast matmul, cache-sized
 _FAISS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (state key, index, row ids)
+_BM25: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # store -> (state key, BM25Index, row ids)
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -68,6 +72,24 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
 
+RRF_K = 60  # Cormack et al. (2009)'s constant: the top ranks of each list count, no single list dominates
+FUSION_DEPTH = 100  # each retriever's ranking is cut here before fusing
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> tuple[list[int], list[float]]:
+    """Rankings of the same items (best first) -> (items, fused scores), best first: an item scores
+    sum(1 / (k + rank)) over the lists it appears in (rank from 1); ties keep the order of first appearance.
+
+    Why ranks and not a weighted sum of scores: BM25 scores and cosines live on unrelated scales that move
+    with the corpus and the query; ranks do not."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    items = sorted(fused, key=fused.__getitem__, reverse=True)  # stable: ties keep first appearance
+    return items, [fused[i] for i in items]
+
+
 def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int, centre: torch.Tensor | None = None,
            use_faiss: bool = False, faiss_index: str = "Flat") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k live chunks per query: (cosine [Q, k'], chunk ids [Q, k'] int64), k' = min(k, live chunks).
@@ -105,6 +127,40 @@ def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int
         best_s, pick = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
         best_i = torch.cat([best_i, i + start], 1).gather(1, pick)
     return best_s, best_i
+
+
+def hybrid_search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, questions: Sequence[str], k: int,
+                  centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k live chunks per question by reciprocal rank fusion of `search`'s cosine ranking and BM25 over the
+    chunks' text ("title: text", what the compressor read), each cut to `FUSION_DEPTH` (or k if larger):
+    (fused scores [Q, k'], chunk ids [Q, k']), k' = min(k, live chunks). BM25 finds the rare names and numbers
+    a few memory vectors blur; the memories find paraphrases BM25 cannot match."""
+    if len(questions) != len(query_memories):
+        raise ValueError("one question per query memory")
+    depth = max(k, FUSION_DEPTH)
+    _, dense = search(store, query_memories, depth, centre)
+    index, rows = _store_bm25(store)
+    k = min(k, dense.shape[1])
+    scores, ids = [], []
+    for question, ranking in zip(questions, dense.tolist()):
+        items, fused = reciprocal_rank_fusion([ranking, rows[index.matches(question, depth)].tolist()])
+        ids.append(items[:k])
+        scores.append(fused[:k])
+    return torch.tensor(scores, dtype=torch.float32).reshape(-1, k), torch.tensor(ids, dtype=torch.int64).reshape(-1, k)
+
+
+def _store_bm25(store: MemoryStore):
+    """A BM25 index over the store's live chunks (built on first use per store state, kept in memory) and the
+    chunk id of each of its rows."""
+    from .bm25 import BM25Index  # bm25s is imported only when a store is searched by text too
+    records, live = store.snapshot()
+    key = (len(records), hash(live.tobytes()))
+    hit = _BM25.get(store)
+    if hit is None or hit[0] != key:
+        rows = np.flatnonzero(live)
+        index = BM25Index([(c.title, c.text) for c in store.chunks(rows)])
+        hit = _BM25[store] = (key, index, rows)
+    return hit[1], hit[2]
 
 
 def _faiss_search(store: MemoryStore, records: np.ndarray, live: np.ndarray, q: torch.Tensor, k: int,

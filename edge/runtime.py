@@ -12,7 +12,7 @@ from .backend import Backend
 from .budget import DEFAULT_CONTEXT, choose_k, make_budget
 from .errors import ClaraError
 from .prefix_cache import PrefixCache
-from .retrieval import search
+from .retrieval import hybrid_search, search
 from .store import MemoryStore
 
 
@@ -40,20 +40,31 @@ class Answer:
         return asdict(self)
 
 
+RETRIEVERS = ("clara", "hybrid")  # over a store: memories alone, or fused with BM25 over the chunks' text
+
+
 class Runtime:
     """A backend and a memory store built by the same compressor, answering questions one after another
-    (the prompt head every question shares is prefilled once: see `PrefixCache`)."""
+    (the prompt head every question shares is prefilled once: see `PrefixCache`).
 
-    def __init__(self, backend: Backend, store: MemoryStore, context: int = DEFAULT_CONTEXT) -> None:
+    retriever  clara: cosine of query and document memories (`retrieval.search`); hybrid: that ranking fused
+               with BM25's over the chunks' text (`retrieval.hybrid_search`; source scores are then fusion
+               scores, at most 2 / 61)."""
+
+    def __init__(self, backend: Backend, store: MemoryStore, context: int = DEFAULT_CONTEXT,
+                 retriever: str = "clara") -> None:
+        if retriever not in RETRIEVERS:
+            raise ClaraError(f"unknown retriever {retriever!r}: use {', '.join(RETRIEVERS)}")
         store.expect(backend.fingerprint(), backend.config.compression_rate)
-        self.backend, self.store, self.context = backend, store, context
+        self.backend, self.store, self.context, self.retriever = backend, store, context, retriever
         self.prefix_cache = PrefixCache()
 
     @classmethod
-    def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT) -> Runtime:
+    def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT,
+             retriever: str = "clara") -> Runtime:
         if not Path(store_dir).is_dir():
             raise ClaraError(f"no memory store at {store_dir} (create one with `clara-edge index`)")
-        return cls(backend, MemoryStore.open(store_dir), context)
+        return cls(backend, MemoryStore.open(store_dir), context, retriever)
 
     def ask(self, question: str, top_k: int | None = 5, min_score: float = 0.0, max_new_tokens: int = 64,
             on_text: Callable[[str], None] | None = None, **sampling) -> Answer:
@@ -71,13 +82,18 @@ class Runtime:
             raise ClaraError("the question is empty")
         if max_new_tokens < 1:
             raise ClaraError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        if min_score and self.retriever == "hybrid":
+            raise ClaraError("--min-score is a cosine floor: it does not apply to the hybrid retriever's fusion scores")
         n_mem = self.backend.config.n_mem
         budget = make_budget(self.context, self.backend.max_positions,
                              len(self.backend.prompt_ids(question, 0)), n_mem, max_new_tokens)
         start = time.perf_counter()
         query = self.backend.encode_query([question])
         encoded = time.perf_counter()
-        scores, ids = search(self.store, query, top_k or budget.max_docs, self.backend.retrieval_centre)
+        n = top_k or budget.max_docs
+        centre = self.backend.retrieval_centre
+        scores, ids = (hybrid_search(self.store, query, [question], n, centre) if self.retriever == "hybrid"
+                       else search(self.store, query, n, centre))
         retrieved = time.perf_counter()
         scores, ids = scores[0].tolist(), ids[0].tolist()
         if not ids:

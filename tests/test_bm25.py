@@ -20,6 +20,13 @@ def test_k_is_capped_and_ties_keep_candidate_order():
     assert sorted(index.top_k("sea level", 4)[:2]) == [1, 2]
 
 
+def test_matches_keeps_only_documents_sharing_a_term():
+    index = BM25Index(DOCS)
+    assert index.matches("sea level", 4)[:2] == index.top_k("sea level", 2) and len(index.matches("sea level", 4)) == 2
+    assert index.matches("zebra", 4) == [] and index.matches("the of and", 4) == []
+    assert index.matches("Who wrote Hamlet?", 0) == []
+
+
 def test_empty_corpus_text_does_not_crash():
     assert BM25Index((("", ""), ("", "a"))).top_k("anything", 2) == [0, 1]
 

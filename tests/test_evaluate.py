@@ -37,6 +37,7 @@ def nq_like_rows(n=5):
 @pytest.mark.parametrize("mode, retriever, has_recall, has_compression", [
     ("clara", None, True, True),
     ("clara", "bm25", True, True),
+    ("clara", "hybrid", True, True),
     ("clara", "oracle", False, True),
     ("text", None, True, True),
     ("text", "clara", True, True),
@@ -73,6 +74,18 @@ def test_clara_retriever_finds_identical_text(model):
     r = evaluate(model, multi_doc_rows(4), "clara", top_k=1, progress=False, max_new_tokens=1, keep_rows=True)
     assert r["recall@1"] == 100.0 and r["recall@5"] == 100.0
     assert [x["retrieved"] for x in r["rows"]] == [[1]] * 4
+
+
+def test_hybrid_ranking_fuses_clara_and_bm25(model):
+    from clara_edge.bm25 import BM25Index
+    from clara_edge.retrieval import reciprocal_rank_fusion
+    rows = multi_doc_rows(4)
+    clara = evaluate(model, rows, "clara", "clara", top_k=3, progress=False, retrieval_only=True, keep_rows=True)
+    hybrid = evaluate(model, rows, "clara", "hybrid", top_k=3, progress=False, retrieval_only=True, keep_rows=True)
+    for row, c, h in zip(rows, clara["rows"], hybrid["rows"]):
+        lexical = BM25Index(row.docs).matches(row.question, 100)
+        assert h["retrieved"] == reciprocal_rank_fusion([c["retrieved"], lexical])[0][:3]
+    assert hybrid["recall@1"] == 100.0  # question = gold text: first in both rankings
 
 
 def test_clara_rankings_follow_the_models_retrieval_centre(model, monkeypatch):

@@ -9,8 +9,9 @@ import torch
 
 from clara_edge import retrieval
 from clara_edge.errors import ClaraError
-from clara_edge.retrieval import cosine_scores, flatten_normalize, search, top_k
-from clara_edge.store import MemoryStore, StoreSpec
+from clara_edge.bm25 import BM25Index
+from clara_edge.retrieval import cosine_scores, flatten_normalize, hybrid_search, reciprocal_rank_fusion, search, top_k
+from clara_edge.store import Chunk, MemoryStore, StoreSpec
 from test_store import add_source, memories
 
 SPEC = StoreSpec("fp", 16, n_mem=4, hidden=16)
@@ -132,3 +133,43 @@ def test_faiss_path_agrees_with_exact(store):
     assert search(store, queries, 5, centre, use_faiss=True)[1].tolist() == search(store, queries, 5, centre)[1].tolist()
     with pytest.raises(ClaraError, match="faiss index 'Nonsense'"):
         search(store, queries, 5, use_faiss=True, faiss_index="Nonsense")
+
+
+def test_reciprocal_rank_fusion_sums_reciprocal_ranks():
+    items, scores = reciprocal_rank_fusion([[1, 2, 3], [3, 4]], k=60)
+    assert items == [3, 1, 2, 4]  # 2 and 4 tie at 1/62: 2 appeared first
+    np.testing.assert_allclose(scores, [1 / 63 + 1 / 61, 1 / 61, 1 / 62, 1 / 62])
+    assert reciprocal_rank_fusion([[], [5]]) == ([5], [1 / 61])
+
+
+WORDS = ["volcano", "glacier", "harbour", "orchard", "lantern", "meadow", "canyon", "lagoon", "quarry", "prairie",
+         "tundra", "estuary"]
+
+
+@pytest.fixture
+def text_store(tmp_path):
+    """Twelve chunks, each naming one distinctive word, with random memories."""
+    with MemoryStore.create(tmp_path / "t", SPEC) as s:
+        for i, word in enumerate(WORDS):
+            s.add([Chunk(f"doc{i}", f"note {i}", f"A short note about the {word}.", 0, 0)], memories(1, i, SPEC),
+                  begin={f"doc{i}": f"{i:064x}"}, complete=[f"doc{i}"])
+        yield s
+
+
+def test_hybrid_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
+    mem = text_store.memories(list(range(12)))
+    dense = search(text_store, mem[[2]], 12)[1][0].tolist()  # chunk 2 first: the query memory is its own
+    far = dense[-1]  # the chunk cosine ranks last; the question names its word, which BM25 finds
+    question = f"Where is the {WORDS[far]}?"
+    lexical = BM25Index([(c.title, c.text) for c in text_store.chunks(range(12))]).matches(question, 12)
+    assert lexical == [far]  # chunk ids are rows
+    scores, ids = hybrid_search(text_store, mem[[2]], [question], 3)
+    items, fused = reciprocal_rank_fusion([dense, lexical])
+    assert ids.shape == scores.shape == (1, 3) and ids[0].tolist() == items[:3]
+    assert ids[0, :2].tolist() == [far, 2]  # 1/61 (BM25) + 1/72 (cosine, last) against 1/61 (cosine) alone
+    np.testing.assert_allclose(scores[0].numpy(), fused[:3], rtol=1e-6)
+    text_store.delete_source(f"doc{far}")  # the cached BM25 index follows the store's state
+    _, ids = hybrid_search(text_store, mem[[2]], [question], 20)
+    assert ids.shape == (1, 11) and far not in ids[0].tolist()
+    with pytest.raises(ValueError, match="one question per query memory"):
+        hybrid_search(text_store, mem[[2, 3]], ["one question"], 3)
