@@ -37,8 +37,8 @@ def _ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="memory store directory")
     p.add_argument("--top-k", default="5", help="documents to use, or 'auto' (as many as fit above --min-score)")
     p.add_argument("--min-score", type=float, default=0.0, help="cosine floor for --top-k auto (clara retriever)")
-    p.add_argument("--retriever", default="clara", choices=["clara", "hybrid"],
-                   help="clara: memories alone; hybrid: fused with BM25 over the chunks' text (default clara)")
+    p.add_argument("--retriever", default="clara", choices=["clara", "clara+bm25"],
+                   help="clara: memories alone; clara+bm25: fused with BM25 over the chunks' text (default clara)")
     p.add_argument("--context", type=int, default=4096, help="generator context positions (default 4096)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="eval JSONL (the ../shared/data row format)")
     p.add_argument("--corpus", default=None, help="retrieve over this corpus (JSON list or JSONL of title/text)")
     p.add_argument("--mode", default="clara", choices=["clara", "text", "text-tuned", "closed-book"])
-    p.add_argument("--retriever", default=None, choices=["bm25", "clara", "hybrid", "oracle"],
+    p.add_argument("--retriever", default=None, choices=["bm25", "clara", "clara+bm25", "oracle"],
                    help="default: clara for --mode clara, bm25 for text modes")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="first N rows only")

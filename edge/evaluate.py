@@ -8,8 +8,8 @@ Modes (who answers, and from what):
                no comparison rewards answer-format tuning alone;
   closed-book  the bare base LM asked the question with no documents (the floor).
 Retrievers: bm25 (bm25s over the candidates), clara (cosine of flattened query / document memories,
-minus the model's retrieval centre when it has one), hybrid (reciprocal rank fusion of clara's top 100 and
-BM25's matching top 100, as `clara_edge.retrieval.hybrid_search` ranks a store),
+minus the model's retrieval centre when it has one), clara+bm25 (reciprocal rank fusion of clara's top 100 and
+BM25's matching top 100, as `clara_edge.retrieval.fused_search` ranks a store),
 oracle (the gold documents, in pos_index order; for debugging and parity). Defaults: clara -> clara,
 text / text-tuned -> bm25, closed-book -> none.
 
@@ -46,7 +46,7 @@ from .errors import ClaraError
 from .retrieval import FUSION_DEPTH, flatten_normalize, reciprocal_rank_fusion
 
 MODES = ("clara", "text", "text-tuned", "closed-book")
-RETRIEVERS = ("bm25", "clara", "hybrid", "oracle")
+RETRIEVERS = ("bm25", "clara", "clara+bm25", "oracle")
 DEFAULT_RETRIEVER = {"clara": "clara", "text": "bm25", "text-tuned": "bm25", "closed-book": None}
 TEXT_ROLE = {"text": None, "text-tuned": "generator", "closed-book": None}  # adapter for generate_text_rag
 RECALL_KS = (1, 5)
@@ -128,7 +128,7 @@ def _rankings(model, retriever: str, questions: list[str], cands: list[Candidate
     out = []
     for question, q, c in zip(questions, queries, cands):
         ranking = torch.argsort(cache.unit_matrix(c.docs) @ q, descending=True, stable=True).tolist()
-        if retriever == "hybrid":
+        if retriever == "clara+bm25":
             lexical = bm25.get(c.docs).matches(question, FUSION_DEPTH)
             ranking, _ = reciprocal_rank_fusion([ranking[:FUSION_DEPTH], lexical])
         out.append(ranking[:depth])

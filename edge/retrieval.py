@@ -14,7 +14,7 @@ nothing is normalised at query time. Rows that are not live (deleted, replaced, 
 indexed) never come back.
 `use_faiss=True` searches a faiss inner-product index over the normalised live rows instead (built on first
 use per store state and kept in memory; an IndexFlatIP by default, any index_factory string otherwise).
-`hybrid_search` fuses the cosine ranking with BM25's over the chunks' text (reciprocal rank fusion; the BM25
+`fused_search` fuses the cosine ranking with BM25's over the chunks' text (reciprocal rank fusion; the BM25
 index is built on first use per store state, like faiss's).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .bm25 import BM25Index
 from .errors import ClaraError
 from .store import MemoryStore, decode
 
@@ -129,8 +130,8 @@ def search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, k: int
     return best_s, best_i
 
 
-def hybrid_search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, questions: Sequence[str], k: int,
-                  centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray, questions: Sequence[str], k: int,
+                 centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k live chunks per question by reciprocal rank fusion of `search`'s cosine ranking and BM25 over the
     chunks' text ("title: text", what the compressor read), each cut to `FUSION_DEPTH` (or k if larger):
     (fused scores [Q, k'], chunk ids [Q, k']), k' = min(k, live chunks). BM25 finds the rare names and numbers
@@ -146,13 +147,13 @@ def hybrid_search(store: MemoryStore, query_memories: torch.Tensor | np.ndarray,
         items, fused = reciprocal_rank_fusion([ranking, rows[index.matches(question, depth)].tolist()])
         ids.append(items[:k])
         scores.append(fused[:k])
-    return torch.tensor(scores, dtype=torch.float32).reshape(-1, k), torch.tensor(ids, dtype=torch.int64).reshape(-1, k)
+    shape = (len(questions), k)
+    return torch.tensor(scores, dtype=torch.float32).reshape(shape), torch.tensor(ids, dtype=torch.int64).reshape(shape)
 
 
-def _store_bm25(store: MemoryStore):
+def _store_bm25(store: MemoryStore) -> tuple[BM25Index, np.ndarray]:
     """A BM25 index over the store's live chunks (built on first use per store state, kept in memory) and the
     chunk id of each of its rows."""
-    from .bm25 import BM25Index  # bm25s is imported only when a store is searched by text too
     records, live = store.snapshot()
     key = (len(records), hash(live.tobytes()))
     hit = _BM25.get(store)

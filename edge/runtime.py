@@ -12,7 +12,7 @@ from .backend import Backend
 from .budget import DEFAULT_CONTEXT, choose_k, make_budget
 from .errors import ClaraError
 from .prefix_cache import PrefixCache
-from .retrieval import hybrid_search, search
+from .retrieval import fused_search, search
 from .store import MemoryStore
 
 
@@ -40,15 +40,15 @@ class Answer:
         return asdict(self)
 
 
-RETRIEVERS = ("clara", "hybrid")  # over a store: memories alone, or fused with BM25 over the chunks' text
+RETRIEVERS = ("clara", "clara+bm25")  # over a store: memories alone, or fused with BM25 over the chunks' text
 
 
 class Runtime:
     """A backend and a memory store built by the same compressor, answering questions one after another
     (the prompt head every question shares is prefilled once: see `PrefixCache`).
 
-    retriever  clara: cosine of query and document memories (`retrieval.search`); hybrid: that ranking fused
-               with BM25's over the chunks' text (`retrieval.hybrid_search`; source scores are then fusion
+    retriever  clara: cosine of query and document memories (`retrieval.search`); clara+bm25: that ranking fused
+               with BM25's over the chunks' text (`retrieval.fused_search`; source scores are then fusion
                scores, at most 2 / 61)."""
 
     def __init__(self, backend: Backend, store: MemoryStore, context: int = DEFAULT_CONTEXT,
@@ -82,8 +82,9 @@ class Runtime:
             raise ClaraError("the question is empty")
         if max_new_tokens < 1:
             raise ClaraError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
-        if min_score and self.retriever == "hybrid":
-            raise ClaraError("--min-score is a cosine floor: it does not apply to the hybrid retriever's fusion scores")
+        if min_score and self.retriever == "clara+bm25":
+            raise ClaraError("--min-score is a cosine floor: it does not apply to the clara+bm25 retriever's "
+                             "fusion scores")
         n_mem = self.backend.config.n_mem
         budget = make_budget(self.context, self.backend.max_positions,
                              len(self.backend.prompt_ids(question, 0)), n_mem, max_new_tokens)
@@ -92,7 +93,7 @@ class Runtime:
         encoded = time.perf_counter()
         n = top_k or budget.max_docs
         centre = self.backend.retrieval_centre
-        scores, ids = (hybrid_search(self.store, query, [question], n, centre) if self.retriever == "hybrid"
+        scores, ids = (fused_search(self.store, query, [question], n, centre) if self.retriever == "clara+bm25"
                        else search(self.store, query, n, centre))
         retrieved = time.perf_counter()
         scores, ids = scores[0].tolist(), ids[0].tolist()

@@ -242,3 +242,19 @@ def test_ttft_targets_on_every_backend_that_ran_both_methods():
     assert got["TTFT clara CR16 / text RAG at k=5 (cuda-triton, whole prompt)"]["value"] is None  # no text row
     assert not any("(torch," in name for name in got)  # the CPU backend was not measured in this run
     assert got["KV bytes clara CR16 / text RAG at k=5"]["value"] == 1.0
+
+
+def test_store_bench_times_exact_and_fused_search(tmp_path, capsys):
+    import numpy as np
+
+    from clara_edge.bench import store as store_bench
+    texts = store_bench.synthetic_texts(50, np.random.default_rng(0))
+    assert all(len(t) <= store_bench.TEXT_CHARS for t in texts) and len(set(texts)) == 50
+    out = tmp_path / "store.json"
+    assert store_bench.main(["--sizes", "40", "80", "--reps", "1", "--n-mem", "4", "--dtypes", "fp16", "--fused",
+                             "--dir", str(tmp_path), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["docs"], r["method"], r["queries"]) for r in rows] == \
+        [(n, m, q) for n in (40, 80) for m, q in (("exact", 1), ("exact", 8), ("clara+bm25", 1))]
+    assert all(r["first_call_ms"] > 0 for r in rows if r["method"] == "clara+bm25")
+    assert "| clara+bm25 | 1 |" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def nq_like_rows(n=5):
 @pytest.mark.parametrize("mode, retriever, has_recall, has_compression", [
     ("clara", None, True, True),
     ("clara", "bm25", True, True),
-    ("clara", "hybrid", True, True),
+    ("clara", "clara+bm25", True, True),
     ("clara", "oracle", False, True),
     ("text", None, True, True),
     ("text", "clara", True, True),
@@ -76,16 +76,16 @@ def test_clara_retriever_finds_identical_text(model):
     assert [x["retrieved"] for x in r["rows"]] == [[1]] * 4
 
 
-def test_hybrid_ranking_fuses_clara_and_bm25(model):
+def test_clara_bm25_ranking_fuses_clara_and_bm25(model):
     from clara_edge.bm25 import BM25Index
     from clara_edge.retrieval import reciprocal_rank_fusion
     rows = multi_doc_rows(4)
     clara = evaluate(model, rows, "clara", "clara", top_k=3, progress=False, retrieval_only=True, keep_rows=True)
-    hybrid = evaluate(model, rows, "clara", "hybrid", top_k=3, progress=False, retrieval_only=True, keep_rows=True)
-    for row, c, h in zip(rows, clara["rows"], hybrid["rows"]):
+    fused = evaluate(model, rows, "clara", "clara+bm25", top_k=3, progress=False, retrieval_only=True, keep_rows=True)
+    for row, c, h in zip(rows, clara["rows"], fused["rows"]):
         lexical = BM25Index(row.docs).matches(row.question, 100)
         assert h["retrieved"] == reciprocal_rank_fusion([c["retrieved"], lexical])[0][:3]
-    assert hybrid["recall@1"] == 100.0  # question = gold text: first in both rankings
+    assert fused["recall@1"] == 100.0  # question = gold text: first in both rankings
 
 
 def test_clara_rankings_follow_the_models_retrieval_centre(model, monkeypatch):

@@ -10,7 +10,8 @@ import torch
 from clara_edge import retrieval
 from clara_edge.errors import ClaraError
 from clara_edge.bm25 import BM25Index
-from clara_edge.retrieval import cosine_scores, flatten_normalize, hybrid_search, reciprocal_rank_fusion, search, top_k
+from clara_edge.retrieval import (cosine_scores, flatten_normalize, fused_search, reciprocal_rank_fusion, search,
+                                  top_k)
 from clara_edge.store import Chunk, MemoryStore, StoreSpec
 from test_store import add_source, memories
 
@@ -156,20 +157,20 @@ def text_store(tmp_path):
         yield s
 
 
-def test_hybrid_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
+def test_fused_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
     mem = text_store.memories(list(range(12)))
     dense = search(text_store, mem[[2]], 12)[1][0].tolist()  # chunk 2 first: the query memory is its own
     far = dense[-1]  # the chunk cosine ranks last; the question names its word, which BM25 finds
     question = f"Where is the {WORDS[far]}?"
     lexical = BM25Index([(c.title, c.text) for c in text_store.chunks(range(12))]).matches(question, 12)
     assert lexical == [far]  # chunk ids are rows
-    scores, ids = hybrid_search(text_store, mem[[2]], [question], 3)
+    scores, ids = fused_search(text_store, mem[[2]], [question], 3)
     items, fused = reciprocal_rank_fusion([dense, lexical])
     assert ids.shape == scores.shape == (1, 3) and ids[0].tolist() == items[:3]
     assert ids[0, :2].tolist() == [far, 2]  # 1/61 (BM25) + 1/72 (cosine, last) against 1/61 (cosine) alone
     np.testing.assert_allclose(scores[0].numpy(), fused[:3], rtol=1e-6)
     text_store.delete_source(f"doc{far}")  # the cached BM25 index follows the store's state
-    _, ids = hybrid_search(text_store, mem[[2]], [question], 20)
+    _, ids = fused_search(text_store, mem[[2]], [question], 20)
     assert ids.shape == (1, 11) and far not in ids[0].tolist()
     with pytest.raises(ValueError, match="one question per query memory"):
-        hybrid_search(text_store, mem[[2, 3]], ["one question"], 3)
+        fused_search(text_store, mem[[2, 3]], ["one question"], 3)
