@@ -1,4 +1,5 @@
-"""Accuracy rows: the four dev sets x {closed-book, text RAG (BM25 / clara top-5), clara at each rate, k=50}.
+"""Accuracy rows: the four dev sets x {closed-book, text RAG (BM25 / clara top-5), clara at each rate, clara + BM25,
+k=50}.
 
 Every row is one `clara_edge.evaluate.evaluate_file` call. Methods (`methods(rates)`):
 
@@ -6,6 +7,7 @@ Every row is one `clara_edge.evaluate.evaluate_file` call. Methods (`methods(rat
   text RAG (BM25 top-5)     the bare base LM reading BM25's top-5 as text
   text RAG (clara top-5)    the bare base LM reading the clara retriever's top-5 (first rate) as text
   clara CR{r}               the generator reading the top-5 documents' memories, for each rate r
+  clara CR{r} + BM25        the first rate reading the top-5 of clara's ranking fused with BM25's (clara+bm25)
   clara CR{r} k=50          the largest rate, 50 documents (fewer when 50 do not fit a 4096 context, or when
                             a question has fewer candidates)
 
@@ -54,6 +56,7 @@ def methods(rates: Sequence[int]) -> list[Method]:
            Method("text RAG (BM25 top-5)", "text", "bm25", None, TOP_K),
            Method(f"text RAG (clara CR{first} top-5)", "text", "clara", first, TOP_K)]
     out += [Method(f"clara CR{r}", "clara", "clara", r, TOP_K) for r in rates]
+    out.append(Method(f"clara CR{first} + BM25", "clara", "clara+bm25", first, TOP_K))
     out.append(Method(f"clara CR{last} k={WIDE_K}", "clara", "clara", last, WIDE_K))
     return out
 

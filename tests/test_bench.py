@@ -51,7 +51,7 @@ def test_bench_quick_smoke(tiny_base_dir, tmp_path):
 
     acc = saved["accuracy"]
     assert {r["dataset"] for r in acc} == {"multi", "pooled"}
-    assert len({r["method"] for r in acc}) == 6  # closed-book, 2 text RAG, CR16, CR64, CR64 k=50
+    assert len({r["method"] for r in acc}) == 7  # closed-book, 2 text RAG, CR16, CR64, CR16 + BM25, CR64 k=50
     for r in acc:
         assert {"dataset", "method", "compression", "top_k", "em", "f1", "cover_em", "recall@5",
                 "context_positions"} <= set(r)
