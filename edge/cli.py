@@ -36,9 +36,9 @@ def _backend_option(p: argparse.ArgumentParser) -> None:
 def _ask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="memory store directory")
     p.add_argument("--top-k", default="5", help="documents to use, or 'auto' (as many as fit above --min-score)")
-    p.add_argument("--min-score", type=float, default=0.0, help="cosine floor for --top-k auto (clara retriever)")
-    p.add_argument("--retriever", default="clara", choices=["clara", "clara+bm25"],
-                   help="clara: memories alone; clara+bm25: fused with BM25 over the chunks' text (default clara)")
+    p.add_argument("--min-score", type=float, default=0.0, help="cosine floor for --top-k auto (--retriever clara)")
+    p.add_argument("--retriever", default="clara+bm25", choices=["clara+bm25", "clara"],
+                   help="clara+bm25 (default): memories fused with BM25 over the chunks' text; clara: memories alone")
     p.add_argument("--context", type=int, default=4096, help="generator context positions (default 4096)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

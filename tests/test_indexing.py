@@ -112,20 +112,23 @@ def test_runtime_prefills_the_shared_prompt_head_once(model, tmp_path):
     assert second.answer == Runtime.open(model, tmp_path / "s", 512).ask("Which lake?", top_k=2, max_new_tokens=4).answer
 
 
-def test_runtime_clara_bm25_retriever_cites_the_fused_ranking(model, tmp_path):
+def test_runtime_retrieves_by_clara_bm25_by_default_or_clara_alone(model, tmp_path):
     from clara_edge.errors import ClaraError
     from clara_edge.retrieval import fused_search
     from clara_edge.runtime import Runtime
     index_paths(model, [make_corpus(tmp_path / "c", n_txt=6, n_rows=4)], tmp_path / "s", progress=False)
-    runtime = Runtime.open(model, tmp_path / "s", context=512, retriever="clara+bm25")
+    runtime = Runtime.open(model, tmp_path / "s", context=512)  # clara+bm25 is the default
     question = "Which river?"
     answer = runtime.ask(question, top_k=3, max_new_tokens=2)
     scores, ids = fused_search(runtime.store, model.encode_query([question]), [question], 3, model.retrieval_centre)
     assert [s["id"] for s in answer.sources] == ids[0].tolist()
     assert [s["score"] for s in answer.sources] == pytest.approx(scores[0].tolist())
     assert all(0 < s["score"] <= 2 / 61 for s in answer.sources)
-    with pytest.raises(ClaraError, match="does not apply to the clara\\+bm25"):
+    with pytest.raises(ClaraError, match="use it with --retriever clara"):
         runtime.ask(question, top_k=None, min_score=0.5)
+    clara = Runtime.open(model, tmp_path / "s", context=512, retriever="clara").ask(question, top_k=3, max_new_tokens=2)
+    _, ids = search(runtime.store, model.encode_query([question]), 3, model.retrieval_centre)
+    assert [s["id"] for s in clara.sources] == ids[0].tolist()
     with pytest.raises(ClaraError, match="unknown retriever .bm99."):
         Runtime.open(model, tmp_path / "s", retriever="bm99")
 
