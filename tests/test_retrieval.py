@@ -115,6 +115,8 @@ def test_search_on_empty_store_and_bad_queries(tmp_path):
     with MemoryStore.create(tmp_path / "e", SPEC) as s:
         scores, ids = search(s, memories(2, 0, SPEC), 5)
         assert scores.shape == ids.shape == (2, 0)
+        scores, ids = fused_search(s, memories(2, 0, SPEC), ["a question", "another"], 5)
+        assert scores.shape == ids.shape == (2, 0)
         with pytest.raises(ClaraError, match="do not match store"):
             search(s, torch.randn(1, 2, 16), 5)
         with pytest.raises(ClaraError, match="k must be at least 1"):
