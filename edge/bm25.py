@@ -5,8 +5,11 @@ broken by candidate order, so results are deterministic (bm25s' own top-k orders
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +52,28 @@ class BM25Index:
         if any(tokens.ids):  # bm25s cannot index a corpus without a single token
             self._retriever = bm25s.BM25()
             self._retriever.index(tokens, show_progress=False)
+
+    def save(self, folder: Path) -> None:
+        """Write the index into the new folder `folder` (bm25s' arrays and vocabulary plus the candidate count),
+        every file synced to disk."""
+        folder.mkdir()
+        (folder / "size.json").write_text(json.dumps({"size": self.size}))
+        if self._retriever is not None:
+            self._retriever.save(str(folder / "bm25s"), show_progress=False)
+        for file in folder.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+
+    @classmethod
+    def load(cls, folder: Path) -> BM25Index:
+        """An index `save` wrote, its arrays memory-mapped (OSError / ValueError / KeyError if it is damaged)."""
+        index = cls.__new__(cls)
+        index.size = int(json.loads((folder / "size.json").read_text())["size"])
+        saved = folder / "bm25s"
+        index._retriever = (bm25s.BM25.load(str(saved), mmap=True, show_progress=False) if saved.is_dir()
+                            else None)
+        return index
 
     def scores(self, question: str) -> np.ndarray:
         """BM25 score of every candidate for `question`, [n_docs]."""

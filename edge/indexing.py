@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .corpus import Chunk, SourceFile, chunk_document, list_files, read_source
 from .datasets import document_text
 from .errors import ClaraError
+from .retrieval import save_text_index
 from .store import MemoryStore, StoreSpec
 
 COMPACT_DEAD_FRACTION = 0.25  # rewrite the vector file once this share of its rows is dead
@@ -89,6 +90,7 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
         info = store.info()
         if info["dead_rows"] > COMPACT_DEAD_FRACTION * max(info["rows"], 1):
             report.rows_compacted = store.compact()
+        save_text_index(store)  # for clara+bm25: a new process then maps it instead of building it
     if report.empty_files and report.empty_files == [str(f) for f in files]:
         raise ClaraError(f"no documents to index: all {len(files)} files are empty")
     report.seconds = time.perf_counter() - started

@@ -5,6 +5,8 @@
                    document, index, offset, title, text), blocks (crc32 per BLOCK_ROWS rows of the vector file)
     vectors.bin    append-only fixed-size records, memory-mapped by readers: a fp32 norm of the stored
                    (dequantised) flattened memory, per-slot fp32 scales for int8/int4, then the values
+    bm25-STATE/    the BM25 index of the live chunks' text at `state()` STATE, written by the indexer
+                   (`retrieval.save_text_index`), memory-mapped by `clara+bm25` searches; optional
     write.lock     held (filelock) by the one writer; readers never take it
 
 Commit protocol: records are written and fsync'ed past the committed end first; then one SQLite transaction
@@ -300,6 +302,20 @@ class MemoryStore:
             self._map = ((name, rows), self._memmap(name, rows))
         return self._map[1], live
 
+    def state(self) -> str:
+        """What the last `snapshot()` saw, as a file-name-safe key: vector file, committed rows and the store's
+        version, which every change to what a search can return bumps. Indexes built over a snapshot (faiss,
+        BM25) are keyed by it."""
+        if self._live is None:
+            self.snapshot()
+        name, rows, version = self._live[0]
+        return f"{Path(name).stem}-{rows}-{version}"
+
+    @property
+    def writable(self) -> bool:
+        """Whether this handle holds the store's write lock."""
+        return self._lock is not None
+
     def _live_rows(self) -> tuple[str, int, np.ndarray]:
         """(vector file, committed rows, live mask [rows]) from one snapshot; the mask is cached per state."""
         with self._read() as db:
@@ -413,7 +429,7 @@ class MemoryStore:
                 blocks.append((start // BLOCK_ROWS, min(BLOCK_ROWS, len(keep) - start), zlib.crc32(data)))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         with self._write() as db:
             # In ascending order, so each target id is already free.
             db.executemany("UPDATE chunks SET id = ? WHERE id = ?", enumerate(keep.tolist()))
@@ -611,7 +627,7 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

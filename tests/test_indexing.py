@@ -133,6 +133,16 @@ def test_runtime_retrieves_by_clara_bm25_by_default_or_clara_alone(model, tmp_pa
         Runtime.open(model, tmp_path / "s", retriever="bm99")
 
 
+def test_index_saves_the_text_index_of_the_final_state(model, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_txt=4, n_rows=2)
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    (corpus / "part0" / "doc000.txt").write_text("A new text about lakes.")
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    with MemoryStore.open(tmp_path / "s") as s:
+        s.snapshot()
+        assert sorted(p.name for p in (tmp_path / "s").glob("bm25-*")) == [f"bm25-{s.state()}"]
+
+
 def test_progress_bar_reports_docs_per_second(model, tmp_path, capsys):
     corpus = make_corpus(tmp_path / "c", n_txt=2, n_rows=0)
     index_paths(model, [corpus], tmp_path / "s", batch_size=2, progress=True)

@@ -176,3 +176,30 @@ def test_fused_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
     assert ids.shape == (1, 11) and far not in ids[0].tolist()
     with pytest.raises(ValueError, match="one question per query memory"):
         fused_search(text_store, mem[[2, 3]], ["one question"], 3)
+
+
+def test_saved_text_index_is_mapped_by_a_new_reader_and_follows_the_state(text_store, monkeypatch):
+    from clara_edge import bm25
+    from clara_edge.retrieval import save_text_index
+    mem = text_store.memories([2])
+    expect = fused_search(text_store, mem, ["Where is the canyon?"], 5)
+    folder = save_text_index(text_store)
+    assert folder.name == f"bm25-{text_store.state()}" and (folder / "bm25s").is_dir()
+
+    def no_build(self, docs):
+        raise AssertionError("the saved index should have been loaded")
+
+    monkeypatch.setattr(bm25.BM25Index, "__init__", no_build)
+    with MemoryStore.open(text_store.path) as reader:  # a new process's handle: maps the saved index
+        got = fused_search(reader, mem, ["Where is the canyon?"], 5)
+        assert torch.equal(got[1], expect[1]) and torch.allclose(got[0], expect[0])
+        with pytest.raises(ClaraError, match="read-only"):
+            save_text_index(reader)
+    monkeypatch.undo()
+    text_store.delete_source("doc6")
+    text_store.snapshot()
+    newer = save_text_index(text_store)
+    assert newer != folder and not folder.exists() and newer.is_dir()  # the old state's index is gone
+    (newer / "size.json").write_text("{broken")  # damaged: a reader builds the index instead of failing
+    with MemoryStore.open(text_store.path) as reader:
+        assert 6 not in fused_search(reader, mem, ["Where is the canyon?"], 11)[1][0].tolist()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,20 @@ def test_unfinished_source_is_purged_by_the_next_writer(filled):
         assert s.source_state("c") is None
         info = s.info()
         assert (info["documents"], info["rows"], info["dead_rows"]) == (8, 11, 3)
+
+
+def test_state_names_every_change_of_what_a_search_can_return(tmp_path):
+    with MemoryStore.create(tmp_path / "s", SPEC) as s:
+        states = [s.state()]
+        for change in (lambda: add_source(s, "a", 3), lambda: add_source(s, "b", 2, seed=1),
+                       lambda: add_source(s, "a", 3, seed=2), s.compact):  # a replaced source, then compacted
+            change()
+            s.snapshot()
+            states.append(s.state())
+        assert len(set(states)) == len(states)
+        records, live = s.snapshot()
+        assert (len(records), int(live.sum())) == (5, 5)  # rows and mask as after the second add: state differs
+        assert re.fullmatch(r"[\w-]+", s.state())  # usable in a file name
 
 
 def test_replace_delete_and_compact(filled, tmp_path):
