@@ -81,8 +81,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     if args.store:
+        from .retrieval import saved_text_index
         from .store import MemoryStore
-        info = MemoryStore.open(Path(args.store)).info()
+        with MemoryStore.open(Path(args.store)) as store:
+            saved = saved_text_index(store)
+            info = {**store.info(), "text_index": saved.name if saved else "none saved (clara+bm25 builds it on its "
+                                                                              "first question; `index` saves it)"}
     else:
         model = _open(args)
         export = model.describe() if hasattr(model, "describe") else {}  # export directories describe themselves

@@ -181,6 +181,13 @@ def _load_text_index(folder: Path, size: int) -> BM25Index | None:
     return index if index.size == size else None
 
 
+def saved_text_index(store: MemoryStore) -> Path | None:
+    """The BM25 index saved in the store for its current state, if there is one."""
+    store.snapshot()
+    folder = store.path / f"{TEXT_INDEX_PREFIX}{store.state()}"
+    return folder if folder.is_dir() else None
+
+
 def save_text_index(store: MemoryStore) -> Path:
     """Save the BM25 index of the store's current state into it (`bm25-STATE/`), so that a new process's first
     clara+bm25 question maps it instead of building it; indexes of older states go. Needs the writer."""
@@ -188,7 +195,7 @@ def save_text_index(store: MemoryStore) -> Path:
         raise ClaraError(f"store {store.path} is open read-only")
     index, _ = _store_bm25(store)
     folder = store.path / f"{TEXT_INDEX_PREFIX}{store.state()}"
-    if not folder.is_dir():
+    if saved_text_index(store) is None:
         partial = store.path / f".{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)  # left by a writer that died while saving
         index.save(partial)

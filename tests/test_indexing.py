@@ -133,14 +133,18 @@ def test_runtime_retrieves_by_clara_bm25_by_default_or_clara_alone(model, tmp_pa
         Runtime.open(model, tmp_path / "s", retriever="bm99")
 
 
-def test_index_saves_the_text_index_of_the_final_state(model, tmp_path):
+def test_index_saves_the_text_index_of_the_final_state(model, tmp_path, capsys):
+    from clara_edge.cli import main
     corpus = make_corpus(tmp_path / "c", n_txt=4, n_rows=2)
     index_paths(model, [corpus], tmp_path / "s", progress=False)
     (corpus / "part0" / "doc000.txt").write_text("A new text about lakes.")
     index_paths(model, [corpus], tmp_path / "s", progress=False)
     with MemoryStore.open(tmp_path / "s") as s:
         s.snapshot()
-        assert sorted(p.name for p in (tmp_path / "s").glob("bm25-*")) == [f"bm25-{s.state()}"]
+        saved = f"bm25-{s.state()}"
+    assert sorted(p.name for p in (tmp_path / "s").glob("bm25-*")) == [saved]
+    assert main(["info", "--store", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_index"] == saved
 
 
 def test_progress_bar_reports_docs_per_second(model, tmp_path, capsys):
