@@ -36,8 +36,9 @@ bm25s = _import_bm25s()
 STOPWORDS = "en"
 
 
-def _tokens(texts: Sequence[str]) -> list[list[str]]:
-    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+def _tokens(texts: Sequence[str], return_ids: bool = False):
+    """One tokenizer for documents and questions: string tokens, or (return_ids) bm25s' ids and vocabulary."""
+    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=return_ids, show_progress=False)
 
 
 class BM25Index:
@@ -46,8 +47,7 @@ class BM25Index:
     def __init__(self, docs: Sequence[Doc]) -> None:
         self.size = len(docs)
         # Token ids and one vocabulary rather than lists of strings: a third less time and memory over a large store.
-        tokens = bm25s.tokenize([document_text(d) for d in docs], stopwords=STOPWORDS, return_ids=True,
-                                show_progress=False)
+        tokens = _tokens([document_text(d) for d in docs], return_ids=True)
         self._retriever = None
         if any(tokens.ids):  # bm25s cannot index a corpus without a single token
             self._retriever = bm25s.BM25()

@@ -127,7 +127,8 @@ def _rankings(model, retriever: str, questions: list[str], cands: list[Candidate
     queries = flatten_normalize(model.encode_query(questions), model.retrieval_centre)
     out = []
     for question, q, c in zip(questions, queries, cands):
-        ranking = torch.argsort(cache.unit_matrix(c.docs) @ q, descending=True, stable=True).tolist()
+        scores = cache.unit_matrix(c.docs) @ q
+        ranking = torch.argsort(scores, descending=True, stable=True)[:max(depth, FUSION_DEPTH)].tolist()
         if retriever == "clara+bm25":
             lexical = bm25.get(c.docs).matches(question, FUSION_DEPTH)
             ranking, _ = reciprocal_rank_fusion([ranking[:FUSION_DEPTH], lexical])

@@ -164,7 +164,7 @@ def _store_bm25(store: MemoryStore) -> tuple[BM25Index, np.ndarray]:
     hit = _BM25.get(store)
     if hit is None or hit[0] != key:
         rows = np.flatnonzero(live)
-        index = _load_text_index(store.path / f"{TEXT_INDEX_PREFIX}{key}", len(rows))
+        index = _load_text_index(_text_index_folder(store), len(rows))
         if index is None:
             index = BM25Index([(c.title, c.text) for c in store.chunks(rows)])
         hit = _BM25[store] = (key, index, rows)
@@ -181,21 +181,26 @@ def _load_text_index(folder: Path, size: int) -> BM25Index | None:
     return index if index.size == size else None
 
 
+def _text_index_folder(store: MemoryStore) -> Path:
+    """Where the BM25 index of the store's last snapshot is saved (or would be)."""
+    return store.path / f"{TEXT_INDEX_PREFIX}{store.state()}"
+
+
 def saved_text_index(store: MemoryStore) -> Path | None:
     """The BM25 index saved in the store for its current state, if there is one."""
     store.snapshot()
-    folder = store.path / f"{TEXT_INDEX_PREFIX}{store.state()}"
+    folder = _text_index_folder(store)
     return folder if folder.is_dir() else None
 
 
 def save_text_index(store: MemoryStore) -> Path:
     """Save the BM25 index of the store's current state into it (`bm25-STATE/`), so that a new process's first
     clara+bm25 question maps it instead of building it; indexes of older states go. Needs the writer."""
-    if not store.writable:
-        raise ClaraError(f"store {store.path} is open read-only")
-    index, _ = _store_bm25(store)
-    folder = store.path / f"{TEXT_INDEX_PREFIX}{store.state()}"
-    if saved_text_index(store) is None:
+    store.require_writer()
+    store.snapshot()
+    folder = _text_index_folder(store)
+    if not folder.is_dir():
+        index, _ = _store_bm25(store)
         partial = store.path / f".{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)  # left by a writer that died while saving
         index.save(partial)

@@ -311,11 +311,6 @@ class MemoryStore:
         name, rows, version = self._live[0]
         return f"{Path(name).stem}-{rows}-{version}"
 
-    @property
-    def writable(self) -> bool:
-        """Whether this handle holds the store's write lock."""
-        return self._lock is not None
-
     def _live_rows(self) -> tuple[str, int, np.ndarray]:
         """(vector file, committed rows, live mask [rows]) from one snapshot; the mask is cached per state."""
         with self._read() as db:
@@ -372,7 +367,7 @@ class MemoryStore:
         `begin` {path: sha256} starts (or restarts, dropping old chunks) sources before the chunks go in;
         `complete` marks sources whose last chunk is in this call, making them visible.
         """
-        self._need_writer()
+        self.require_writer()
         records = encode(memories, self.spec)
         if len(records) != len(chunks):
             raise ClaraError(f"{len(chunks)} chunks but {len(records)} memories")
@@ -396,7 +391,7 @@ class MemoryStore:
 
     def delete_source(self, path: str | Path) -> int:
         """Remove a source (or every source under a folder); returns how many chunks went."""
-        self._need_writer()
+        self.require_writer()
         ids: list[int] = []
         with self._write() as db:
             # As given (an API source name), else as index_paths records it: the resolved path.
@@ -412,7 +407,7 @@ class MemoryStore:
 
     def compact(self) -> int:
         """Rewrite the vector file without dead rows (renumbering chunk ids); returns rows reclaimed."""
-        self._need_writer()
+        self.require_writer()
         records, _ = self.snapshot()
         with self._read() as db:
             keep = _int_array(db.execute("SELECT id FROM chunks ORDER BY id"))
@@ -529,7 +524,8 @@ class MemoryStore:
                 raise ClaraError(f"store {self.path} is corrupted: checksum mismatch in {name} rows "
                                  f"{block * BLOCK_ROWS}..{block * BLOCK_ROWS + n - 1}; re-index into a new store")
 
-    def _need_writer(self) -> None:
+    def require_writer(self) -> None:
+        """A one-line error unless this handle holds the store's write lock."""
         if self._lock is None:
             raise ClaraError(f"store {self.path} is open read-only")
 
