@@ -82,10 +82,14 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     report = IndexReport(store=str(store_dir), files=len(files))
     with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
             tqdm(desc="index", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        completed = 0  # the chunk count is unknown up front (files are chunked as they are read): files give the total
         for batch in _batches(_pending(files, store, model, report), batch_size):
             texts = [document_text((c.title, c.text)) for c in batch.chunks]
             store.add(batch.chunks, model.compress(texts, batch_size=batch_size), batch.begin, batch.complete)
             report.chunks_added += len(batch.chunks)
+            completed += len(batch.complete)
+            done = completed + report.sources_unchanged + len(report.empty_files)
+            bar.set_postfix_str(f"files {done}/{len(files)}", refresh=False)
             bar.update(len(batch.chunks))
         info = store.info()
         if info["dead_rows"] > COMPACT_DEAD_FRACTION * max(info["rows"], 1):
