@@ -2,8 +2,9 @@
 
 Resumable by construction: the store commits once per batch, and a source (file) counts as done only when
 the batch holding its last chunk commits. A later run skips sources whose bytes (sha256) are unchanged and
-complete, redoes a source that was cut off (the store purged its partial chunks when it reopened), and
-replaces the chunks of a source that changed.
+complete, continues a source that was cut off after its committed chunks (chunking is deterministic for the
+same bytes and model; the last committed chunk is checked against the new chunking, and the source is redone
+from scratch if it differs), and replaces the chunks of a source that changed.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class IndexReport:
     files: int = 0
     sources_indexed: int = 0
     sources_unchanged: int = 0
+    sources_resumed: int = 0  # cut off by an earlier run, continued after its committed chunks
+    chunks_resumed: int = 0  # chunks of those sources the earlier run had committed
     empty_files: list[str] = field(default_factory=list)
     documents: int = 0  # documents read from the sources indexed now
     chunks_added: int = 0
@@ -48,6 +51,9 @@ class IndexReport:
                  f"{self.chunks_added} chunks in {self.seconds:.1f} s ({self.docs_per_s:.1f} docs/s)"]
         if self.sources_unchanged:
             parts.append(f"{self.sources_unchanged} unchanged")
+        if self.sources_resumed:
+            parts.append(f"{self.sources_resumed} continued after the {self.chunks_resumed} chunks an earlier run "
+                         f"committed")
         if self.empty_files:
             parts.append(f"{len(self.empty_files)} empty skipped")
         return "; ".join(parts) + f"; store {self.store}"
@@ -119,8 +125,26 @@ def _pending(files: list[Path], store: MemoryStore, model, report: IndexReport
         chunks = [c for d in docs for c in chunk_document(d, model.tokenizer, model.config.doc_max_length)]
         report.sources_indexed += 1
         report.documents += len(docs)
-        for i, chunk in enumerate(chunks):
-            yield chunk, source, i == 0, i == len(chunks) - 1
+        done = _committed_prefix(store, source, chunks)
+        if done:
+            report.sources_resumed += 1
+            report.chunks_resumed += done
+        for i in range(done, len(chunks)):
+            yield chunks[i], source, i == 0, i == len(chunks) - 1
+
+
+def _committed_prefix(store: MemoryStore, source: SourceFile, chunks: list[Chunk]) -> int:
+    """How many of `chunks` an interrupted run already committed for these bytes (0: start afresh)."""
+    unfinished = store.unfinished(source.name, source.sha256)
+    if unfinished is None:
+        return 0
+    n, last = unfinished
+    if n >= len(chunks):  # the last chunk commits with the source's completion: cannot be all of them
+        return 0
+    mine = chunks[n - 1]
+    same = (last.doc, last.index, last.offset, last.title, last.text) == \
+        (mine.doc, mine.index, mine.offset, mine.title, mine.text)
+    return n if same else 0
 
 
 def _batches(items: Iterator[tuple[Chunk, SourceFile, bool, bool]], size: int) -> Iterator[_Batch]:

@@ -16,7 +16,9 @@ reader's memory map of the committed prefix stays valid while a writer appends; 
 chunks is reclaimed by `compact()`, which writes a new vector file and switches to it in one transaction.
 
 A source's chunks become visible (documents, search) only once the source is complete; a source still
-'indexing' when its writer died is purged by the next writer, so a resumed index redoes it from scratch.
+'indexing' when its writer stopped keeps its committed chunks, invisible, so that a later run of the same
+bytes continues after them (`unfinished`) instead of redoing a long file from scratch; a run of other bytes
+restarts it (`add`'s `begin`), and `delete_source` removes it.
 """
 from __future__ import annotations
 
@@ -268,11 +270,13 @@ class MemoryStore:
                              f"{compression_rate}; index into a new --store for this model")
 
     def info(self) -> dict:
-        """documents (visible chunks), sources, bytes on disk, model, compression, dtype, and the rest."""
+        """documents (visible chunks), sources, bytes on disk, model, compression, dtype, and the rest
+        (unfinished_sources: left 'indexing' by an interrupted run; their chunks are not searched)."""
         with self._read() as db:
             docs, sources = map(int, db.execute("SELECT coalesce(sum(chunks), 0), count(*) FROM sources "
                                                 "WHERE state = 'complete'").fetchone())
             stored = int(db.execute("SELECT count(*) FROM chunks").fetchone()[0])
+            unfinished = int(db.execute("SELECT count(*) FROM sources WHERE state != 'complete'").fetchone()[0])
             rows = self._meta_int(db, "rows")
         with _guarded(self.path, "cannot list"):
             size = sum(p.stat().st_size for p in self.path.iterdir()
@@ -280,7 +284,8 @@ class MemoryStore:
         return {"store": str(self.path), "documents": docs, "sources": sources, "bytes": size,
                 "model": self.spec.model, "compression": self.spec.compression_rate, "dtype": self.spec.dtype,
                 "fingerprint": self.spec.fingerprint, "n_mem": self.spec.n_mem, "hidden": self.spec.hidden,
-                "rows": rows, "dead_rows": rows - stored, "record_bytes": self.record.itemsize,
+                "rows": rows, "dead_rows": rows - stored, "unfinished_sources": unfinished,
+                "record_bytes": self.record.itemsize,
                 "format": FORMAT_VERSION}
 
     def source_state(self, path: str) -> tuple[str, str] | None:
@@ -288,6 +293,13 @@ class MemoryStore:
         with self._read() as db:
             row = db.execute("SELECT sha256, state FROM sources WHERE path = ?", (path,)).fetchone()
         return (str(row[0]), str(row[1])) if row else None
+
+    def unfinished(self, path: str, sha256: str) -> tuple[int, ChunkRecord] | None:
+        """(chunks committed, the last of them) of a source left 'indexing' with these bytes, else None."""
+        with self._read() as db:
+            row = db.execute("SELECT count(*), max(c.id) FROM chunks c JOIN sources s ON s.id = c.source_id "
+                             "WHERE s.path = ? AND s.sha256 = ? AND s.state = 'indexing'", (path, sha256)).fetchone()
+        return (int(row[0]), self.chunks([row[1]])[0]) if row[0] else None
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """The committed records [rows] (memory-mapped copy-on-write: nothing reaches the file) and which
@@ -530,13 +542,8 @@ class MemoryStore:
             raise ClaraError(f"store {self.path} is open read-only")
 
     def _recover(self) -> None:
-        """Writer start: purge unfinished sources, drop crash leftovers and orphaned vector files."""
-        with self._write() as db:
-            dead = [r[0] for r in db.execute("SELECT id FROM sources WHERE state != 'complete'")]
-            for i in dead:
-                self._drop_source(db, i)
-            if dead:
-                self._set_meta(db, version=self._version(db) + 1)
+        """Writer start: drop crash leftovers (bytes past the committed rows) and orphaned vector files."""
+        with self._read() as db:
             rows, name = self._meta_int(db, "rows"), self._vector_name(db)
         for p in self.path.iterdir():
             if _VECTOR_FILE.fullmatch(p.name) and p.name != name:

@@ -102,6 +102,47 @@ def test_index_search_and_resume(model, tmp_path):
     assert not [k for k in after if k[0].endswith("doc001.txt")]
 
 
+def test_an_interrupted_long_file_continues_after_its_committed_chunks(model, tmp_path, monkeypatch):
+    rng = random.Random(7)
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a-long.txt").write_text(" ".join(sentence(rng) for _ in range(120)))
+    (corpus / "b-short.txt").write_text(sentence(rng))
+    clean = index_paths(model, [corpus], tmp_path / "clean", batch_size=4, progress=False)
+    assert clean.chunks_added > 12
+    compress, calls = model.compress, []
+
+    def interrupted(texts, batch_size=16):  # Ctrl-C during the fourth batch, after three commits
+        calls.append(len(texts))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return compress(texts, batch_size=batch_size)
+
+    for tamper in (False, True):
+        store = tmp_path / f"s{tamper:d}"
+        calls.clear()
+        monkeypatch.setattr(model, "compress", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            index_paths(model, [corpus], store, batch_size=4, progress=False)
+        monkeypatch.setattr(model, "compress", compress)
+        info = MemoryStore.open(store).info()
+        assert (info["documents"], info["unfinished_sources"], info["rows"]) == (0, 1, 12)
+        if tamper:  # the committed chunks no longer match this chunking: the file is redone from its start
+            with sqlite3.connect(store / "store.sqlite") as db:
+                db.execute("UPDATE chunks SET text = 'other' WHERE id = 11")
+        resumed = index_paths(model, [corpus], store, batch_size=4, progress=False)
+        assert (resumed.sources_resumed, resumed.chunks_resumed) == ((0, 0) if tamper else (1, 12))
+        assert resumed.chunks_added == clean.chunks_added - (0 if tamper else 12)
+        assert ("continued after the 12 chunks" in resumed.summary()) == (not tamper)
+        info = MemoryStore.open(store).info()
+        assert (info["unfinished_sources"], info["documents"]) == (0, clean.chunks_added)
+        got, expected = contents(store), contents(tmp_path / "clean")
+        assert got.keys() == expected.keys()
+        for key, (text, mem) in expected.items():
+            assert got[key][0] == text
+            torch.testing.assert_close(got[key][1], mem, atol=2e-3, rtol=1e-2)
+
+
 def test_runtime_prefills_the_shared_prompt_head_once(model, tmp_path):
     from clara_edge.runtime import Runtime
     index_paths(model, [make_corpus(tmp_path / "c", n_txt=6, n_rows=4)], tmp_path / "s", progress=False)

@@ -156,15 +156,27 @@ def test_uncommitted_rows_are_invisible_and_truncated(filled):
         writer.verify()
 
 
-def test_unfinished_source_is_purged_by_the_next_writer(filled):
+def test_unfinished_source_stays_invisible_until_continued_or_restarted(filled):
+    sha = hashlib.sha256(b"c").hexdigest()
     with MemoryStore.open(filled, write=True) as s:
         add_source(s, "c", 3, complete=False)
-    with MemoryStore.open(filled) as reader:
-        assert reader.info()["documents"] == 8 and reader.source_state("c")[1] == "indexing"
-    with MemoryStore.open(filled, write=True) as s:
-        assert s.source_state("c") is None
+    with MemoryStore.open(filled, write=True) as s:  # the next writer keeps its chunks, unsearchable
+        assert s.source_state("c") == (sha, "indexing")
         info = s.info()
-        assert (info["documents"], info["rows"], info["dead_rows"]) == (8, 11, 3)
+        assert (info["documents"], info["rows"], info["dead_rows"], info["unfinished_sources"]) == (8, 11, 0, 1)
+        assert int(s.snapshot()[1].sum()) == 8
+        assert s.unfinished("c", "other bytes") is None and s.unfinished("a", hashlib.sha256(b"a").hexdigest()) is None
+        n, last = s.unfinished("c", sha)
+        assert (n, last.id, last.index, last.text) == (3, 10, 2, "text c 2")
+        more = chunks_of("c", 5)[3:]  # continued: no `begin`, so the committed chunks stay
+        s.add(more, memories(2, 9), complete=["c"])
+        assert s.info()["documents"] == 13 and s.unfinished("c", sha) is None
+        assert [c.text for c in s.chunks(range(8, 13))] == [f"text c {i}" for i in range(5)]
+        add_source(s, "d", 2, complete=False)
+        add_source(s, "d", 4, seed=3, complete=False)  # restarted (`begin`): the first attempt's chunks go
+        assert s.unfinished("d", hashlib.sha256(b"d").hexdigest())[0] == 4
+        s.delete_source("d")
+        assert s.info()["unfinished_sources"] == 0
 
 
 def test_state_names_every_change_of_what_a_search_can_return(tmp_path):
