@@ -108,6 +108,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .indexing import forget_paths
+    removed = forget_paths(Path(args.store), args.paths)
+    print(f"removed {removed} chunks; store {args.store}")
+    return 0
+
+
 def _print_answer(answer, as_json: bool) -> None:
     from .runtime import format_answer_footer
     print(json.dumps(answer.to_dict(), indent=2) if as_json else format_answer_footer(answer))
@@ -249,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     _model_options(p)
     _backend_option(p)
+
+    p = add("forget", cmd_forget, "remove files (or every file below a folder) from a memory store")
+    p.add_argument("paths", nargs="+", help="files or folders, as they were indexed")
+    p.add_argument("--store", required=True, help="store directory")
 
     p = add("ask", cmd_ask, "answer one question from a memory store, streaming, then cite sources")
     p.add_argument("question")

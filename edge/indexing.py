@@ -2,7 +2,7 @@
 
 Resumable by construction: the store commits once per batch, and a source (file) counts as done only when
 the batch holding its last chunk commits. A later run skips sources whose bytes (sha256) are unchanged and
-complete, continues a source that was cut off after its committed chunks (chunking is deterministic for the
+complete, removes sources below a given folder whose files are gone, continues a source that was cut off after its committed chunks (chunking is deterministic for the
 same bytes and model; the last committed chunk is checked against the new chunking, and the source is redone
 from scratch if it differs), and replaces the chunks of a source that changed.
 """
@@ -32,6 +32,7 @@ class IndexReport:
     sources_unchanged: int = 0
     sources_resumed: int = 0  # cut off by an earlier run, continued after its committed chunks
     chunks_resumed: int = 0  # chunks of those sources the earlier run had committed
+    sources_removed: int = 0  # below a folder indexed now, their files gone from disk
     empty_files: list[str] = field(default_factory=list)
     documents: int = 0  # documents read from the sources indexed now
     chunks_added: int = 0
@@ -56,6 +57,8 @@ class IndexReport:
                          f"committed")
         if self.empty_files:
             parts.append(f"{len(self.empty_files)} empty skipped")
+        if self.sources_removed:
+            parts.append(f"{self.sources_removed} removed (their files are gone)")
         return "; ".join(parts) + f"; store {self.store}"
 
 
@@ -84,10 +87,12 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     if batch_size < 1:
         raise ClaraError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.perf_counter()
+    paths = list(paths)
     files = list_files(paths)
     report = IndexReport(store=str(store_dir), files=len(files))
     with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
             tqdm(desc="index", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        report.sources_removed = _remove_gone(store, paths, files)
         completed = 0  # the chunk count is unknown up front (files are chunked as they are read): files give the total
         for batch in _batches(_pending(files, store, model, report), batch_size):
             texts = [document_text((c.title, c.text)) for c in batch.chunks]
@@ -97,14 +102,41 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
             done = completed + report.sources_unchanged + len(report.empty_files)
             bar.set_postfix_str(f"files {done}/{len(files)}", refresh=False)
             bar.update(len(batch.chunks))
-        info = store.info()
-        if info["dead_rows"] > COMPACT_DEAD_FRACTION * max(info["rows"], 1):
-            report.rows_compacted = store.compact()
-        save_text_index(store)  # for clara+bm25: a new process then maps it instead of building it
+        report.rows_compacted = _finish(store)
     if report.empty_files and report.empty_files == [str(f) for f in files]:
         raise ClaraError(f"no documents to index: all {len(files)} files are empty")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def forget_paths(store_dir: str | Path, paths: Iterable[str | Path]) -> int:
+    """Remove sources (files, or every source below a folder) from a store; returns how many chunks went."""
+    if not Path(store_dir).is_dir():
+        raise ClaraError(f"no memory store at {store_dir}")
+    with MemoryStore.open(store_dir, write=True) as store:
+        removed = store.delete_source(*paths)
+        _finish(store)
+    return removed
+
+
+def _finish(store: MemoryStore) -> int:
+    """After a change: compact once enough rows are dead (returns rows reclaimed), save the BM25 index."""
+    info = store.info()
+    compacted = store.compact() if info["dead_rows"] > COMPACT_DEAD_FRACTION * max(info["rows"], 1) else 0
+    save_text_index(store)  # for clara+bm25: a new process then maps it instead of building it
+    return compacted
+
+
+def _remove_gone(store: MemoryStore, paths: Iterable[str | Path], files: list[Path]) -> int:
+    """Delete the sources below each given folder whose files no longer exist (a note deleted from disk must
+    not keep answering); returns how many went."""
+    listed = {str(f) for f in files}
+    gone = list(dict.fromkeys(name for given in paths if Path(given).expanduser().is_dir()
+                              for name in store.sources_under(str(Path(given).expanduser().resolve()))
+                              if name not in listed and not Path(name).exists()))
+    if gone:
+        store.delete_source(*gone)
+    return len(gone)
 
 
 def _pending(files: list[Path], store: MemoryStore, model, report: IndexReport

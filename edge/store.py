@@ -294,6 +294,12 @@ class MemoryStore:
             row = db.execute("SELECT sha256, state FROM sources WHERE path = ?", (path,)).fetchone()
         return (str(row[0]), str(row[1])) if row else None
 
+    def sources_under(self, folder: str) -> list[str]:
+        """Paths of the sources (complete or not) below `folder`."""
+        with self._read() as db:
+            return [str(r[0]) for r in db.execute("SELECT path FROM sources WHERE path LIKE ? ESCAPE '\\'",
+                                                  (_like_prefix(folder.rstrip("/") + "/"),))]
+
     def unfinished(self, path: str, sha256: str) -> tuple[int, ChunkRecord] | None:
         """(chunks committed, the last of them) of a source left 'indexing' with these bytes, else None."""
         with self._read() as db:
@@ -401,19 +407,22 @@ class MemoryStore:
             self._set_meta(db, rows=start + len(chunks), **({"version": self._version(db) + 1} if changed else {}))
         return ids
 
-    def delete_source(self, path: str | Path) -> int:
-        """Remove a source (or every source under a folder); returns how many chunks went."""
+    def delete_source(self, *paths: str | Path) -> int:
+        """Remove sources (each path a source, or every source under a folder) in one commit: all of them, or
+        none when a path matches nothing; returns how many chunks went."""
         self.require_writer()
-        ids: list[int] = []
+        removed = 0
         with self._write() as db:
-            # As given (an API source name), else as index_paths records it: the resolved path.
-            for key in dict.fromkeys([str(path), str(Path(path).expanduser().resolve())]):
-                ids = ids or [r[0] for r in db.execute(
-                    "SELECT id FROM sources WHERE path = ? OR path LIKE ? ESCAPE '\\'",
-                    (key, _like_prefix(key.rstrip("/") + "/")))]
-            if not ids:
-                raise ClaraError(f"store {self.path} holds no source {path}")
-            removed = sum(self._drop_source(db, i) for i in ids)
+            for path in paths:
+                ids: list[int] = []
+                # As given (an API source name), else as index_paths records it: the resolved path.
+                for key in dict.fromkeys([str(path), str(Path(path).expanduser().resolve())]):
+                    ids = ids or [r[0] for r in db.execute(
+                        "SELECT id FROM sources WHERE path = ? OR path LIKE ? ESCAPE '\\'",
+                        (key, _like_prefix(key.rstrip("/") + "/")))]
+                if not ids:
+                    raise ClaraError(f"store {self.path} holds no source {path}")
+                removed += sum(self._drop_source(db, i) for i in ids)
             self._set_meta(db, version=self._version(db) + 1)
         return removed
 

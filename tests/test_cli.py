@@ -7,7 +7,7 @@ import pytest
 
 from clara_edge.cli import build_parser, main
 
-COMMANDS = ["demo", "index", "ask", "chat", "eval", "train", "export", "bench", "info", "models"]
+COMMANDS = ["demo", "index", "forget", "ask", "chat", "eval", "train", "export", "bench", "info", "models"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -43,6 +43,7 @@ def test_unknown_option_is_usage_error(capsys):
     (["train", "--recipe", "tiny", "--device", "cuda", "--out", "/no/such/run"], "CUDA is not available"),
     (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
+    (["forget", "notes/a.md", "--store", "/no/such/store"], "no memory store at /no/such/store"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),
     (["bench", "--only", "latency", "--reps", "0"], "--reps must be at least 1"),
     (["export", "--format", "coreml", "--lora", "shared", "--out", "/no/such/export"], "--lora applies to ONNX"),

@@ -143,6 +143,35 @@ def test_an_interrupted_long_file_continues_after_its_committed_chunks(model, tm
             torch.testing.assert_close(got[key][1], mem, atol=2e-3, rtol=1e-2)
 
 
+def test_reindexing_a_folder_removes_deleted_files_and_forget_removes_on_request(model, tmp_path, capsys):
+    from clara_edge.cli import main
+    corpus = make_corpus(tmp_path / "c", n_txt=6, n_rows=2)
+    hidden = corpus / ".private" / "kept.txt"  # indexed by name: a folder run does not list it, must not drop it
+    hidden.parent.mkdir()
+    hidden.write_text("Honey is kept in the hive.")
+    index_paths(model, [corpus, hidden], tmp_path / "s", progress=False)
+    (corpus / "part0" / "doc000.txt").unlink()
+    (corpus / "part1" / "doc001.txt").unlink()
+    again = index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert (again.sources_removed, again.sources_unchanged, again.chunks_added) == (2, 6, 0)
+    assert "2 removed (their files are gone)" in again.summary()
+    sources = set(per_source(contents(tmp_path / "s")))
+    assert not {s for s in sources if s.endswith(("doc000.txt", "doc001.txt"))} and str(hidden) in sources
+
+    before = MemoryStore.open(tmp_path / "s").info()["documents"]
+    assert main(["forget", str(corpus / "part0"), str(corpus / "note.md"), "--store", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.startswith("removed ")
+    after = set(per_source(contents(tmp_path / "s")))
+    assert after == {s for s in sources if "/part0/" not in s and not s.endswith("note.md")}
+    assert MemoryStore.open(tmp_path / "s").info()["documents"] < before
+    with MemoryStore.open(tmp_path / "s") as s:  # the saved BM25 index follows the change
+        from clara_edge.retrieval import saved_text_index
+        assert saved_text_index(s) is not None
+    assert main(["forget", str(corpus / "part1"), str(corpus / "nope.txt"), "--store", str(tmp_path / "s")]) == 1
+    assert "holds no source" in capsys.readouterr().err
+    assert set(per_source(contents(tmp_path / "s"))) == after  # nothing removed
+
+
 def test_runtime_prefills_the_shared_prompt_head_once(model, tmp_path):
     from clara_edge.runtime import Runtime
     index_paths(model, [make_corpus(tmp_path / "c", n_txt=6, n_rows=4)], tmp_path / "s", progress=False)

@@ -198,6 +198,9 @@ def test_replace_delete_and_compact(filled, tmp_path):
         before = stored(s)
         new_a = add_source(s, "a", 2, seed=9)  # a changed source replaces its chunks
         assert s.info()["documents"] == 7 and s.info()["dead_rows"] == 3
+        with pytest.raises(ClaraError, match="holds no source c"):  # all or nothing: b stays
+            s.delete_source("b", "c")
+        assert s.info()["sources"] == 2
         assert s.delete_source("b") == 5
         with pytest.raises(ClaraError, match="holds no source"):
             s.delete_source("b")
@@ -223,6 +226,7 @@ def test_folder_delete_removes_sources_under_it(tmp_path):
     with MemoryStore.create(tmp_path / "s", SPEC) as s:
         for src in ("/data/x/1.txt", "/data/x/2.txt", "/data/x_y.txt", "/data/xz/3.txt"):
             add_source(s, src, 1)
+        assert sorted(s.sources_under("/data/x/")) == ["/data/x/1.txt", "/data/x/2.txt"]
         assert s.delete_source("/data/x") == 2
         assert s.info()["sources"] == 2
 
