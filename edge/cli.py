@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_file(_open(args), args.data, mode=args.mode, retriever=args.retriever, top_k=args.top_k,
                            corpus=args.corpus, limit=args.limit, json_out=args.json_out,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           retrieval_only=args.retrieval_only)
+                           retrieval_only=args.retrieval_only, keep_rows=args.per_question)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
 
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-only", action="store_true",
                    help="rank and score recall@k only, no answers (fast retriever comparisons)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result object to this file")
+    p.add_argument("--per-question", action="store_true",
+                   help="with --json: add each question's prediction, scores and retrieved documents (\"rows\")")
     _model_options(p)
     _backend_option(p)
 

@@ -180,3 +180,18 @@ def test_evaluate_file_limit_and_json(model, tmp_path):
     with pytest.raises(ClaraError, match="closed-book"):  # argument errors come before reading the file
         evaluate_file(model, tmp_path / "missing.jsonl", mode="closed-book", retriever="bm25")
     assert len(load_eval_set(data, limit=3).candidates[2].docs) == 6
+
+
+def test_cli_eval_writes_per_question_rows_on_request(tiny_base_dir, tmp_path, capsys):
+    from clara_edge.cli import main
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": r.id, "question": r.question, "golden_answers": list(r.answers),
+                                        "docs": [{"title": t, "text": x} for t, x in r.docs],
+                                        "pos_index": list(r.pos_index)}) + "\n" for r in multi_doc_rows(3)))
+    argv = ["eval", "--data", str(data), "--model", str(tiny_base_dir), "--retrieval-only", "--limit", "2"]
+    assert main([*argv, "--json", str(tmp_path / "plain.json")]) == 0
+    assert "rows" not in json.loads((tmp_path / "plain.json").read_text())
+    assert main([*argv, "--json", str(tmp_path / "rows.json"), "--per-question"]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["id"] for r in rows] == ["0", "1"] and all(len(r["retrieved"]) == 3 for r in rows)
+    assert '"rows"' not in capsys.readouterr().out  # the printed summary stays short
