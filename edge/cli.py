@@ -234,7 +234,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="On-device compression-native RAG (CLaRa).")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: $CLARA_EDGE_THREADS, else all cores but one)")
+                        help="CPU threads for torch and ONNX Runtime "
+                             "(default: $CLARA_EDGE_THREADS, else all cores but one)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('clara_edge').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -2,9 +2,10 @@
 
 Resumable by construction: the store commits once per batch, and a source (file) counts as done only when
 the batch holding its last chunk commits. A later run skips sources whose bytes (sha256) are unchanged and
-complete, removes sources below a given folder whose files are gone, continues a source that was cut off after its committed chunks (chunking is deterministic for the
+complete, continues a source that was cut off after its committed chunks (chunking is deterministic for the
 same bytes and model; the last committed chunk is checked against the new chunking, and the source is redone
-from scratch if it differs), and replaces the chunks of a source that changed.
+from scratch if it differs), replaces the chunks of a source that changed, and removes the sources below a
+given folder whose files are gone.
 """
 from __future__ import annotations
 

@@ -317,8 +317,9 @@ class OnnxBackend(ExportedBackend):
             opts.graph_optimization_level = {
                 "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.optimization]
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
+            # The process's one CPU thread setting (`--threads`, $CLARA_EDGE_THREADS: `configure_threads`) unless
+            # given: ORT's own default takes every core, and the CLI's --threads must mean the same here as for torch.
+            opts.intra_op_num_threads = self.threads or torch.get_num_threads()
             opts.log_severity_level = 3
             file = self.path / self.graphs[role]
             try:

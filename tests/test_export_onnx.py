@@ -69,6 +69,17 @@ def test_fp32_encoders_match_torch():
     assert _max_abs(model.encode_query(QUESTIONS), backend.encode_query(QUESTIONS)) < 1e-4
 
 
+def test_sessions_take_the_process_thread_setting_unless_given():
+    _, path = tiny_onnx_export("fp32")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what `clara-edge --threads 1` sets (configure_threads)
+        assert OnnxBackend(path).session("query").get_session_options().intra_op_num_threads == 1
+        assert OnnxBackend(path, threads=2).session("query").get_session_options().intra_op_num_threads == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp32_generator_matches_torch_through_kv_cache_steps():
     model, path = tiny_onnx_export("fp32")
     backend = OnnxBackend(path)
