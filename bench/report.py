@@ -214,6 +214,14 @@ def latency_table(rows: Sequence[dict]) -> str:
                    for r in rows])
 
 
+def compression_line(workers: Sequence[dict]) -> str:
+    """What indexing costs per backend: the clara workers' one timed batch of documents (after a warm-up)."""
+    done = [w for w in workers if w.get("compressed_docs") and w.get("compress_s")]
+    return ("Compression (what indexing costs, one batch after a warm-up): " + "; ".join(
+        f"{w['backend']} {w['compressed_docs']} documents in {w['compress_s']:.2f} s "
+        f"({w['compressed_docs'] / w['compress_s']:.1f} docs/s)" for w in done) + ".") if done else ""
+
+
 def anchor_table(rows: Sequence[dict]) -> str:
     return _table(["method", "backend", "k", "positions", "TTFT s", "prefill tok/s", "decode tok/s", "note"],
                   [[r["method"], r["backend"], _num(r["k"]), _num(r["positions"]),
@@ -275,6 +283,8 @@ def render_markdown(report: dict) -> str:
             latency_table(report["latency"]),
             "",
             ("Where each method stops fitting the model's window: " + "; ".join(stops) + ".") if stops else "",
+            "",
+            compression_line(report["latency_workers"]),
             "",
             "## llama.cpp anchor (text RAG, same gguf, same machine and run)",
             "",

@@ -78,6 +78,8 @@ def test_bench_quick_smoke(tiny_base_dir, tmp_path):
 
     md = (out / "report.md").read_text()
     assert "| dataset | method |" in md and "| method | backend | k |" in md and "±" in md
+    torch_clara = next(w for w in saved["latency_workers"] if w["backend"] == "torch" and w["method"] == "clara")
+    assert f"torch {torch_clara['compressed_docs']} documents in {torch_clara['compress_s']:.2f} s" in md
     for png in ("f1_vs_context.png", "ttft_vs_k.png", "rss_per_backend.png"):
         assert (out / png).stat().st_size > 1000
     assert report["targets"][0]["value"] is not None  # TTFT ratio at k=5 measured on torch
