@@ -111,7 +111,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     from .indexing import forget_paths
     removed = forget_paths(Path(args.store), args.paths)
-    print(f"removed {removed} chunks; store {args.store}")
+    print(f"removed {removed} chunk{'s' if removed != 1 else ''}; store {args.store}")
     return 0
 
 
