@@ -158,7 +158,7 @@ def _pending(files: list[Path], store: MemoryStore, model, report: IndexReport
         chunks = [c for d in docs for c in chunk_document(d, model.tokenizer, model.config.doc_max_length)]
         report.sources_indexed += 1
         report.documents += len(docs)
-        done = _committed_prefix(store, source, chunks)
+        done = _committed_prefix(store, source, chunks) if state == (source.sha256, "indexing") else 0
         if done:
             report.sources_resumed += 1
             report.chunks_resumed += done
