@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         rate = args.compression or load_recipe(args.recipe, overrides)["model"]["compression_rate"]
         out = Path("runs") / f"{Path(str(args.recipe)).stem}-cr{rate}"
     final = train(args.recipe, Path(out), resume=not args.no_resume, overrides=overrides, device=args.device,
-                  stop_after=args.stop_after, progress=not args.no_progress)
+                  stop_after=args.stop_after, progress=not args.no_progress, init=args.init)
     print(final if final is not None else "stopped; run the same command again to continue")
     return 0
 
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N optimizer steps of this invocation (rerun to continue)")
     p.add_argument("--no-resume", action="store_true", help="start the run directory over")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this clara-edge checkpoint ('default': the shipped one at the recipe's rate) "
+                        "instead of fresh adapters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe field, e.g. stages.0.lr=3e-4 (VALUE parsed as JSON when it can be)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

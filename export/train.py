@@ -36,6 +36,7 @@ exactly. Layout of a run directory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -48,7 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clara_edge.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from clara_edge.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, build_model, default_checkpoint, is_checkpoint, load_checkpoint,
+                                  read_checkpoint_config, save_checkpoint)
 from clara_edge.devices import resolve_device
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraConfig
@@ -280,10 +282,10 @@ class Run:
     """One invocation of a recipe in one run directory (one per process under accelerate)."""
 
     def __init__(self, recipe: dict, out_dir: Path, device: str | None = None, progress: bool = True,
-                 stop_after: int | None = None) -> None:
+                 stop_after: int | None = None, init: Path | None = None) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
-        self.recipe, self.out = recipe, Path(out_dir)
+        self.recipe, self.out, self.init = recipe, Path(out_dir), init
         self.accel = Accelerator(cpu=device == "cpu", mixed_precision=recipe["mixed_precision"],
                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.main = self.accel.is_main_process
@@ -386,8 +388,12 @@ class Run:
             return done
         stage_dir.mkdir(parents=True, exist_ok=True)
         device = str(self.accel.device)
-        model = (load_checkpoint(previous, device, "fp32") if previous is not None
-                 else build_model(self.model_config(), device, "fp32", seed=self.seed))
+        if previous is not None:
+            model = load_checkpoint(previous, device, "fp32")
+        elif self.init is not None:
+            model = self.initial_checkpoint(device)
+        else:
+            model = build_model(self.model_config(), device, "fp32", seed=self.seed)
         samples = self.samples(stage, model)
         bank, bank_index = self.memory_bank(model, samples) if stage["kind"] in BANK_STAGES else (None, None)
         if stage.get("centre"):
@@ -411,6 +417,17 @@ class Run:
         self.barrier()
         model.eval()
         return done if finished else None
+
+    def initial_checkpoint(self, device: str):
+        """The `init` checkpoint, on the recipe's base model; its model fields must equal the recipe's."""
+        spec = self.recipe["model"]
+        model = load_checkpoint(self.init, device, "fp32", base=spec["base_model"])
+        have = dataclasses.asdict(model.config)
+        differ = [f"{k} {have[k]!r} (recipe: {v!r})" for k, v in spec.items()
+                  if k != "base_model" and have.get(k) != v]
+        if differ:
+            raise ClaraError(f"--init {self.init} does not fit recipe {self.recipe['name']}: " + "; ".join(differ))
+        return model
 
     def prepare_adapters(self, model, index: int, stage: dict) -> None:
         torch.manual_seed(_seed_for(self.seed, "init", index))
@@ -544,10 +561,13 @@ class Run:
         if self.main:
             model = load_checkpoint(previous, "cpu", "fp32")
             cr = model.config.compression_rate
-            model.config.extra = {**model.config.extra, "recipe": self.recipe["name"],
-                                  "recipe_sha": recipe_digest(self.recipe),
-                                  "stages": [s["name"] for s in self.recipe["stages"]],
-                                  "command": f"clara-edge train --recipe {self.recipe['name']} --compression {cr}"}
+            command = f"clara-edge train --recipe {self.recipe['name']} --compression {cr}"
+            extra = {k: v for k, v in model.config.extra.items() if k != "init"}
+            if self.init is not None:  # the chain of runs that made these weights
+                command += f" --init {self.init}"
+                extra["init"] = {**init_record(self.init), "from": model.config.extra.get("init")}
+            model.config.extra = {**extra, "recipe": self.recipe["name"], "recipe_sha": recipe_digest(self.recipe),
+                                  "stages": [s["name"] for s in self.recipe["stages"]], "command": command}
             save_checkpoint(model, final, dtype=torch.float16)
         self.barrier()
         return final
@@ -578,15 +598,30 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 PART_FORMATS = {"jsonl": (_save_jsonl, _load_jsonl), "safetensors": (_save_tensors, _load_tensors)}
 
 
+def init_record(path: Path) -> dict:
+    """What identifies an `init` checkpoint: where it was, the recipe that made it, its weights' sha256."""
+    extra = read_checkpoint_config(path)["config"].get("extra") or {}
+    digest = hashlib.sha256()
+    for name in (ADAPTERS_FILE, EMBEDDINGS_FILE):
+        digest.update((path / name).read_bytes())
+    return {"path": str(path), "recipe": extra.get("recipe"), "recipe_sha": extra.get("recipe_sha"),
+            "weights_sha256": digest.hexdigest()[:32]}
+
+
 def _check_run_dir(run: Run, resume: bool) -> None:
-    """A run directory belongs to one resolved recipe; resume=False starts it over (keeping teacher answers).
-    Every process reads before the main process writes, so all of them agree."""
+    """A run directory belongs to one resolved recipe and one `init` checkpoint; resume=False starts it over
+    (keeping teacher answers). Every process reads before the main process writes, so all of them agree."""
     out, record, recipe = run.out, run.out / "recipe.json", json.loads(json.dumps(run.recipe))
+    init_file = out / "init.json"
+    init = None if run.init is None else {k: v for k, v in init_record(run.init).items() if k != "path"}
     if resume and record.is_file():
         previous = json.loads(record.read_text())
         if previous != recipe:
             changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
             raise ClaraError(f"{out} holds a run of a different recipe (differs in {', '.join(changed)}): "
+                             "use another output directory, or --no-resume to start it over")
+        if (json.loads(init_file.read_text()) if init_file.is_file() else None) != init:
+            raise ClaraError(f"{out} holds a run started from a different --init checkpoint: "
                              "use another output directory, or --no-resume to start it over")
     run.barrier()
     if run.main:
@@ -596,24 +631,35 @@ def _check_run_dir(run: Run, resume: bool) -> None:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(recipe, indent=2) + "\n")
+        if init is not None:
+            init_file.write_text(json.dumps(init, indent=2) + "\n")
+        elif init_file.exists():
+            init_file.unlink()
     run.barrier()
 
 
 def train(recipe: str | Path, out_dir: Path, resume: bool = True, overrides: dict | None = None, *,
-          device: str | None = None, stop_after: int | None = None, progress: bool = True) -> Path | None:
+          device: str | None = None, stop_after: int | None = None, progress: bool = True,
+          init: str | Path | None = None) -> Path | None:
     """Run a recipe into `out_dir` and return its final (fp16) checkpoint directory.
 
     `overrides`: {"compression": 64, "max_steps": 20, "model.lora_r": 4, "stages.0.lr": 3e-4, ...} (dotted
     recipe keys or ALIASES; "device" is taken as the device). `resume`: continue from what `out_dir` holds
     (finished stages are skipped, an interrupted one continues from its last saved step). `stop_after`:
-    stop (resumably) after that many optimizer steps of this invocation; returns None then.
+    stop (resumably) after that many optimizer steps of this invocation; returns None then. `init`: a
+    clara-edge checkpoint (or "default": the shipped one at the recipe's rate) the first stage starts from
+    instead of fresh adapters, so a recipe can continue a trained model (e.g. a longer retrieval stage).
     """
     overrides = dict(overrides or {})
     device = overrides.pop("device", None) or device
     if device:
         resolve_device(device)  # accelerate would fall back to the CPU without a word
     resolved = load_recipe(recipe, overrides)
-    run = Run(resolved, Path(out_dir), device=device, progress=progress, stop_after=stop_after)
+    if init is not None:
+        init = default_checkpoint(resolved["model"]["compression_rate"]) if str(init) == "default" else Path(init)
+        if not is_checkpoint(init):
+            raise ClaraError(f"--init {init}: not a clara-edge checkpoint directory")
+    run = Run(resolved, Path(out_dir), device=device, progress=progress, stop_after=stop_after, init=init)
     _check_run_dir(run, resume)
     return run()
 

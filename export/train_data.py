@@ -144,7 +144,7 @@ def scp_samples(sources: Sources, seed: int, tasks: Sequence[str] = SCP_TASKS,
 
 
 # ------------------------------------------------------------------------------------------ QA (stages 2, 3, text)
-def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = None, questions_per_passage: int = 2,
+def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = None, questions_per_passage: int | None = 2,
                multihop_repeat: int = 1, max_answer_words: int | None = None) -> list[Sample]:
     """Question + documents -> gold answers (targets are set later by `with_targets`).
 
@@ -154,6 +154,7 @@ def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = Non
     than k documents are left out).
     max_answer_words: take only pretraining QA pairs whose answer is that short (many of their answers are whole
     sentences, the dev sets' are a few words); passages left with none give no question.
+    questions_per_passage=None: every QA pair of a pretraining passage.
     """
     out = []
     n_docs = k if candidates is None else candidates

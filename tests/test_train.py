@@ -215,6 +215,8 @@ def test_samples_are_deterministic_and_refuse_eval(env, tmp_path):
     assert len(five) == len(FACTS) and all(len(s.docs) == 5 for s in five)  # the 4-document rows are left out
     short = [s for s in data.qa_samples(sources, seed=0, k=3, max_answer_words=1) if not s.docs[0][0]]
     assert sorted(s.answers[0] for s in short) == sorted(["Paris"] + [f[0] for f in FACTS])  # one-word answers only
+    every = [s for s in data.qa_samples(sources, seed=0, k=3, questions_per_passage=None) if not s.docs[0][0]]
+    assert len(every) == 2 * len(FACTS)  # None: every QA pair of each pretraining passage
     some = data.subset(scp, 3, seed=0)
     assert len(some) == 3 and some == data.subset(scp, 3, seed=0) and some == [s for s in scp if s in some]
     assert data.subset(scp, None, seed=0) == scp and data.subset(scp, 3, seed=1) != some
@@ -251,6 +253,8 @@ def test_recipes_resolve():
     short = load_recipe("cpu-short")  # continues the shipped cpu run: its first three stages must stay cpu's
     assert short["stages"][:3] == load_recipe("cpu")["stages"] and short["data"] == load_recipe("cpu")["data"]
     assert short["stages"][3]["trainable"] == ["generator"] and short["stages"][3]["init_query_from"] is None
+    retrieval = load_recipe("retrieval")  # continues the shipped cpu weights (--init): same model fields
+    assert retrieval["model"] == load_recipe("cpu")["model"] and [s["kind"] for s in retrieval["stages"]] == ["retrieval"]
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
     instruct = default["stages"][1]
@@ -328,6 +332,28 @@ def test_resume_after_stops_matches_uninterrupted_run(env, full_run):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     with pytest.raises(ClaraError, match="different recipe"):
         run(env, out, overrides={"seed": 1})
+
+
+def test_init_continues_a_trained_checkpoint(env, full_run):
+    """`retrieval` from a trained checkpoint: only the query adapter and the retrieval centre move; the chain of
+    runs is recorded; a checkpoint of another shape, or a resume from another init, is refused."""
+    tiny_fit = {"model.doc_max_length": 64, "model.lora_r": 4, "model.lora_alpha": 8, "data.limit": 4,
+                "max_steps": 2, "stages.0.batch_size": 4, "stages.0.micro_batch": 2, "stages.0.candidates": 3}
+    init, out = full_run / "final", env["root"] / "continued"
+    final = run(env, out, recipe="retrieval", overrides=tiny_fit, init=init)
+    before, after = tensors(init), tensors(final)
+    assert before.keys() == after.keys()
+    moved = {name.split(".")[0] for name in after if not torch.equal(after[name], before[name])}
+    assert moved == {"query", "retrieval_centre"}
+    extra = load_checkpoint(final).config.extra
+    assert extra["init"]["recipe"] == "tiny" and extra["init"]["from"] is None
+    assert extra["command"].endswith(f"--init {init}") and extra["stages"] == ["retrieval"]
+    with pytest.raises(ClaraError, match="started from a different --init"):
+        run(env, out, recipe="retrieval", overrides=tiny_fit, init=full_run / "1-scp" / "model")
+    with pytest.raises(ClaraError, match="does not fit recipe retrieval: compression_rate 16 .recipe: 64."):
+        run(env, env["root"] / "misfit", recipe="retrieval", overrides={**tiny_fit, "compression": 64}, init=init)
+    with pytest.raises(ClaraError, match="not a clara-edge checkpoint"):
+        run(env, env["root"] / "misfit", recipe="retrieval", overrides=tiny_fit, init=env["root"])
 
 
 def _free_port() -> int:
