@@ -26,6 +26,7 @@ Determinism: the batch of optimizer step s is a function of (seed, s), and the R
 (seed, stage, step, micro-batch, rank) before every forward, so a resumed run repeats the uninterrupted one
 exactly. Layout of a run directory:
     recipe.json                 the resolved recipe (a resume must match it)
+    init.json                   with --init: the checkpoint the first stage started from (a resume must match it)
     teacher/                    cached teacher answers (JSONL, one file per process)
     N-<stage>/state/            resumable state: trained tensors, optimizer, step (removed when the stage ends)
     N-<stage>/model/            the stage's result (fp32 clara-edge checkpoint); the next stage starts from it
@@ -49,8 +50,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clara_edge.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, build_model, default_checkpoint, is_checkpoint, load_checkpoint,
-                                  read_checkpoint_config, save_checkpoint)
+from clara_edge.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, build_model, default_checkpoint, is_checkpoint,
+                                  load_checkpoint, read_checkpoint_config, save_checkpoint)
 from clara_edge.devices import resolve_device
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraConfig
