@@ -41,6 +41,8 @@ def test_unknown_option_is_usage_error(capsys):
     (["info", "--model", "/no/such/model"], "not found"),
     (["info", "--model", "smollm2-135m", "--device", "cuda"], "CUDA is not available"),
     (["train", "--recipe", "tiny", "--device", "cuda", "--out", "/no/such/run"], "CUDA is not available"),
+    (["train", "--recipe", "retrieval", "--init", "/no/such/checkpoint", "--out", "/no/such/run"],
+     "not a clara-edge checkpoint"),
     (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
     (["forget", "notes/a.md", "--store", "/no/such/store"], "no memory store at /no/such/store"),
