@@ -144,8 +144,9 @@ def scp_samples(sources: Sources, seed: int, tasks: Sequence[str] = SCP_TASKS,
 
 
 # ------------------------------------------------------------------------------------------ QA (stages 2, 3, text)
-def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = None, questions_per_passage: int | None = 2,
-               multihop_repeat: int = 1, max_answer_words: int | None = None) -> list[Sample]:
+def qa_samples(sources: Sources, seed: int, k: int, candidates: int | None = None,
+               questions_per_passage: int | None = 2, multihop_repeat: int = 1,
+               max_answer_words: int | None = None) -> list[Sample]:
     """Question + documents -> gold answers (targets are set later by `with_targets`).
 
     candidates=None (stages 2 and text): each sample reads k documents, gold ones first choice, shuffled.
