@@ -424,7 +424,7 @@ class Run:
         spec = self.recipe["model"]
         model = load_checkpoint(self.init, device, "fp32", base=spec["base_model"])
         have = dataclasses.asdict(model.config)
-        differ = [f"{k} {have[k]!r} (recipe: {v!r})" for k, v in spec.items()
+        differ = [f"{k} {have.get(k)!r} (recipe: {v!r})" for k, v in spec.items()
                   if k != "base_model" and have.get(k) != v]
         if differ:
             raise ClaraError(f"--init {self.init} does not fit recipe {self.recipe['name']}: " + "; ".join(differ))
