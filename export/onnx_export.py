@@ -16,7 +16,7 @@ LoRA (`lora=`):
     merged-generator  (default) the encoders as `shared`, the generator's adapter merged into its own copy of
                       the adapted projections (8-bit when quantised): a decode step runs one MatMul per linear
                       instead of three plus an Add (SmolLM2 int4 on 2 CPU threads: 1.21x the decode tokens/s of
-                      `shared` for +29 MB; README, LoRA in exports)
+                      `shared` for +29 MB; docs/onnx-export.md)
     merged            each role's adapter is merged into a private copy of the base (peft merge): a copy of
                       the adapted projections per role on disk, one MatMul per linear at run time
 Graph inputs are embeddings, not ids: the runtime reads the one embedding table (embeddings.npy, plus the
@@ -215,7 +215,7 @@ def trace_graphs(model: ClaraModel, lora: str = LORA_MODES[0], fused: bool = Tru
     """Export the compressor, query and generator graphs (fp32) without writing anything.
 
     `fused`: write the generator on ORT's fused operators where `onnx_fused` covers the base (a fraction of the
-    traced graph's nodes, which is what a batch-1 decode step pays for; README, Measured so far), else trace it.
+    traced graph's nodes, which is what a batch-1 decode step pays for; docs/measurements.md), else trace it.
     """
     if lora not in LORA_MODES:
         raise ClaraError(f"unknown LoRA mode {lora!r}: use {', '.join(LORA_MODES)}")
