@@ -255,6 +255,11 @@ def test_recipes_resolve():
     assert short["stages"][3]["trainable"] == ["generator"] and short["stages"][3]["init_query_from"] is None
     retrieval = load_recipe("retrieval")  # continues the shipped cpu weights (--init): same model fields
     assert retrieval["model"] == load_recipe("cpu")["model"] and [s["kind"] for s in retrieval["stages"]] == ["retrieval"]
+    reader = load_recipe("reader")  # the cpu recipe's stage 3 again, generator only, keeping the --init query adapter
+    assert reader["model"] == load_recipe("cpu")["model"] and reader["data"] == load_recipe("cpu")["data"]
+    cpu_e2e = {k: v for k, v in load_recipe("cpu")["stages"][1].items() if k not in ("name", "trainable", "init_query_from")}
+    assert {k: v for k, v in reader["stages"][0].items() if k in cpu_e2e} == cpu_e2e
+    assert reader["stages"][0]["trainable"] == ["generator"] and reader["stages"][0]["init_query_from"] is None
     text = load_recipe("text")
     assert text["name"] == "text" and [s["kind"] for s in text["stages"]] == ["text"]
     instruct = default["stages"][1]
