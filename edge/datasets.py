@@ -61,7 +61,8 @@ def parse_doc(item, where: str) -> Doc:
         if not isinstance(title, str):
             raise ClaraError(f"{where}: document title must be a string")
         return (title, item["text"])
-    raise ClaraError(f"{where}: a document must be {{\"title\", \"text\"}} (got {type(item).__name__})")
+    got = (f"keys {sorted(item)}, no string \"text\"" if isinstance(item, dict) else type(item).__name__)
+    raise ClaraError(f"{where}: a document must be {{\"title\", \"text\"}} (got {got})")
 
 
 def parse_row(obj, where: str = "row") -> EvalRow:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .bm25 import BM25Cache
-from .datasets import Candidates, EvalRow, build_candidates, document_text, load_eval_set
+from .datasets import Candidates, Doc, EvalRow, build_candidates, document_text, load_eval_set
 from .errors import ClaraError
 from .retrieval import FUSION_DEPTH, flatten_normalize, reciprocal_rank_fusion
 
@@ -140,6 +140,17 @@ def _mean(values: list[float], scale: float = 1.0) -> float | None:
     return round(scale * sum(values) / len(values), 4) if values else None
 
 
+def _check_context(model, mode: str, questions: list[str], docs: list[list[Doc]], max_new_tokens: int) -> None:
+    """Every prompt plus its answer fits the generator's window (past it a model reads garbage, slowly)."""
+    for question, row_docs in zip(questions, docs):
+        ids = (model.prompt_ids(question, len(row_docs)) if mode == "clara"
+               else model.text_prompt_ids(question, row_docs))
+        if len(ids) + max_new_tokens > model.max_positions:
+            raise ClaraError(f"{mode} prompt with {len(row_docs)} documents takes {len(ids)} positions; with "
+                             f"{max_new_tokens} new tokens it exceeds the model's context of {model.max_positions}: "
+                             "lower --top-k")
+
+
 def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str | None = None, top_k: int = 5,
              candidates: Sequence[Candidates] | None = None, batch_size: int = 8, progress: bool = True,
              keep_rows: bool = False, max_new_tokens: int = 64, retrieval_only: bool = False) -> dict:
@@ -164,6 +175,8 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
         raise ValueError("one Candidates per row")
     if batch_size < 1:
         raise ClaraError(f"--batch-size must be at least 1, got {batch_size}")
+    if mode == "clara" and retriever != "oracle" and not retrieval_only:  # k alone sets its length: fail first
+        _check_context(model, mode, [rows[0].question], [list(cands[0].docs[:top_k])], max_new_tokens)
     cfg = model.config
     cache, bm25 = MemoryCache(model, batch_size, progress), BM25Cache()
     depth = max(top_k, *RECALL_KS)
@@ -180,6 +193,8 @@ def evaluate(model, rows: Sequence[EvalRow], mode: str = "clara", retriever: str
                   else [[] for _ in batch])
         picked = [rank if retriever == "oracle" else rank[:top_k] for rank in ranked]
         docs = [[c.docs[i] for i in p] for c, p in zip(bcands, picked)]
+        if not retrieval_only and mode != "closed-book":
+            _check_context(model, mode, questions, docs, max_new_tokens)
         gen = None
         if retrieval_only:
             cache.ensure([document_text(d) for row_docs in docs for d in row_docs] if mode == "clara" else [])

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backend import Backend
-from .budget import DEFAULT_CONTEXT, choose_k, make_budget
+from .budget import DEFAULT_CONTEXT, check_top_k, choose_k, make_budget
 from .errors import ClaraError
 from .prefix_cache import PrefixCache
 from .retrieval import fused_search, search
@@ -91,6 +91,7 @@ class Runtime:
         n_mem = self.backend.config.n_mem
         budget = make_budget(self.context, self.backend.max_positions,
                              len(self.backend.prompt_ids(question, 0)), n_mem, max_new_tokens)
+        check_top_k(budget, top_k)
         start = time.perf_counter()
         query = self.backend.encode_query([question])
         encoded = time.perf_counter()

@@ -33,6 +33,13 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
     """
     from clara_edge.onnx_backend import OnnxBackend
 
+    from .onnx_export import check_out_dir
+
+    if fmt not in FORMATS:
+        raise ClaraError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
+    if quant not in QUANTS:
+        raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
+    check_out_dir(out_dir)  # before minutes of tracing, not after
     if isinstance(model, OnnxBackend) and fmt == "onnx":
         from .onnx_export import requantize_export
 
@@ -46,8 +53,6 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
         from .onnx_export import export_onnx
 
         return export_onnx(model, out_dir, quant, source=source, **options)
-    if fmt == "coreml":
-        from .coreml_export import export_coreml
+    from .coreml_export import export_coreml
 
-        return export_coreml(model, out_dir, quant, source=source, **options)
-    raise ClaraError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
+    return export_coreml(model, out_dir, quant, source=source, **options)

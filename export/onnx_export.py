@@ -345,10 +345,16 @@ def finish_export(out: Path, final: str | Path, manifest: dict) -> Path:
     return final
 
 
-def staging_dir(out_dir: str | Path) -> Path:
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` is new, empty or an earlier export (which the new one replaces); never another folder or a file."""
     out = Path(out_dir).expanduser()
-    if out.exists() and not (out / EXPORT_MANIFEST).is_file() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or (not (out / EXPORT_MANIFEST).is_file() and any(out.iterdir()))):
         raise ClaraError(f"{out} exists and is not an export directory: choose an empty or new --out")
+    return out
+
+
+def staging_dir(out_dir: str | Path) -> Path:
+    out = check_out_dir(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

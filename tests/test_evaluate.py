@@ -166,6 +166,20 @@ def test_bad_arguments(model):
         evaluate(model, [], "clara", progress=False)
 
 
+@pytest.mark.parametrize("mode", ["clara", "text"])
+def test_a_prompt_past_the_context_is_refused_before_generating(model, monkeypatch, mode):
+    rows = multi_doc_rows(2)
+    one = model.prompt_ids(rows[0].question, 1) if mode == "clara" else model.text_prompt_ids(
+        rows[0].question, rows[0].docs[:1])
+    monkeypatch.setattr(type(model), "max_positions", property(lambda self: len(one) + 1))  # k=1 fits exactly
+    evaluate(model, rows, mode, "bm25", top_k=1, progress=False, max_new_tokens=1)  # one document fits
+    monkeypatch.setattr(type(model), "decode", lambda *a, **k: pytest.fail("generated past the context"))
+    if mode == "clara":  # refused before compressing the candidates
+        monkeypatch.setattr(type(model), "compress", lambda *a, **k: pytest.fail("compressed past the context"))
+    with pytest.raises(ClaraError, match=rf"{mode} prompt with 3 documents takes \d+ positions.*lower --top-k"):
+        evaluate(model, rows, mode, "bm25", top_k=3, progress=False, max_new_tokens=1)
+
+
 def test_evaluate_file_limit_and_json(model, tmp_path):
     data = tmp_path / "nq.jsonl"
     data.write_text("".join(json.dumps({"id": i, "question": f, "golden_answers": ["x"],

@@ -474,6 +474,24 @@ def test_out_dir_that_is_not_an_export(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "coreml"])
+def test_export_refuses_a_bad_out_before_tracing(tmp_path, monkeypatch, fmt):
+    """A store, notes folder or file as --out is refused at once, not after minutes of tracing."""
+    from clara_edge.export import api, onnx_export
+    monkeypatch.setattr(onnx_export, "trace_graphs", lambda *a, **k: pytest.fail("traced before checking --out"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "precious.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for out in (tmp_path / "notes", tmp_path / "file"):
+        with pytest.raises(ClaraError, match="not an export directory"):
+            api.export_model(tiny_clara("llama"), fmt, "int4", out)
+    with pytest.raises(ClaraError, match="unknown quantisation 'int3'"):
+        api.export_model(tiny_clara("llama"), fmt, "int3", tmp_path / "new")
+    assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
+    assert (tmp_path / "file").read_text() == "keep me too"
+    assert not (tmp_path / "new").exists()
+
+
 def test_reexport_replaces_atomically(tmp_path):
     model, traced = tiny_traced("llama", DEFAULT_LORA)
     out = write_onnx_export(model, traced, tmp_path / "x", "fp32")

@@ -203,6 +203,18 @@ def test_runtime_retrieves_by_clara_bm25_by_default_or_clara_alone(model, tmp_pa
         Runtime.open(model, tmp_path / "s", retriever="bm99")
 
 
+@pytest.mark.parametrize("retriever", ["clara+bm25", "clara"])
+@pytest.mark.parametrize("top_k,needle", [(0, "at least 1, got 0"), (-3, "at least 1, got -3"),
+                                          (500, "top-k 500 needs")])
+def test_runtime_refuses_a_bad_top_k_before_retrieving(model, tmp_path, retriever, top_k, needle):
+    from clara_edge.errors import ClaraError
+    from clara_edge.runtime import Runtime
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512, retriever=retriever)
+    with pytest.raises(ClaraError, match=needle):
+        runtime.ask("Which river?", top_k=top_k, max_new_tokens=2)
+
+
 def test_index_saves_the_text_index_of_the_final_state(model, tmp_path, capsys):
     from clara_edge.cli import main
     corpus = make_corpus(tmp_path / "c", n_txt=4, n_rows=2)
