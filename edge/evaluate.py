@@ -31,7 +31,6 @@ Each unique document is compressed once per run, as `document_text(doc)` ("title
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from . import metrics
 from .bm25 import BM25Cache
 from .datasets import Candidates, Doc, EvalRow, build_candidates, document_text, load_eval_set
 from .errors import ClaraError
+from .reports import report_path, write_report
 from .retrieval import FUSION_DEPTH, flatten_normalize, reciprocal_rank_fusion
 
 MODES = ("clara", "text", "text-tuned", "closed-book")
@@ -264,15 +264,10 @@ def evaluate_file(model, data: str | Path, mode: str = "clara", retriever: str |
                   max_new_tokens: int = 64, retrieval_only: bool = False) -> dict:
     """`clara-edge eval` in one call: load the file (and corpus), evaluate, write the report to `json_out`."""
     _check_args(model, mode, retriever, top_k, retrieval_only)  # fail before reading a large file
+    report_path(json_out, "eval")
     data_set = load_eval_set(data, corpus, limit)
     report = evaluate(model, data_set.rows, mode, retriever, top_k, data_set.candidates, batch_size, progress,
                       keep_rows, max_new_tokens, retrieval_only)
     report = {"data": str(data), "corpus": str(corpus) if corpus else None, **report}
-    if json_out is not None:
-        out = Path(json_out).expanduser()
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        except OSError as e:
-            raise ClaraError(f"cannot write the eval report to {out}: {e.strerror}") from None
+    write_report(report, json_out, "eval")
     return report

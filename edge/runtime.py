@@ -85,6 +85,12 @@ class Runtime:
             raise ClaraError("the question is empty")
         if max_new_tokens < 1:
             raise ClaraError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        if sampling.get("do_sample"):
+            temperature, top_p = sampling.get("temperature", 1.0), sampling.get("top_p", 1.0)
+            if not temperature > 0:
+                raise ClaraError(f"--temperature must be above 0 when sampling, got {temperature}")
+            if not 0 < top_p <= 1:
+                raise ClaraError(f"--top-p must be above 0 and at most 1, got {top_p}")
         if min_score and self.retriever == "clara+bm25":
             raise ClaraError("--min-score is a cosine floor: use it with --retriever clara (clara+bm25 ranks by "
                              "fusion scores)")

@@ -38,6 +38,7 @@ from torch import nn
 from clara_edge.backend import open_backend
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
+from clara_edge.reports import report_path, write_report
 from clara_edge.runtime import peak_rss_mb
 
 # (question, documents): a fixed set, short enough for any model's context
@@ -231,22 +232,12 @@ def _gate(result: dict, quant: str) -> dict:
     return result
 
 
-def _write_json(result: dict, json_out: str | Path | None) -> None:
-    if json_out is None:
-        return
-    out = Path(json_out).expanduser()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise ClaraError(f"cannot write the parity report to {out}: {e.strerror}") from None
-
-
 def check_export(export_dir: str | Path, reference_model: ClaraModel | None = None,
                  questions: Sequence[tuple[str, Sequence[str]]] = QUESTIONS, dev_file: str | Path | None = None,
                  n_dev: int = 100, json_out: str | Path | None = None, probe: bool = True,
                  max_new_tokens: int = 32) -> dict:
     """Compare the export at `export_dir` with its fp32 torch model; see the module docstring for the fields."""
+    report_path(json_out, "parity")
     backend = open_backend(str(export_dir))
     if not hasattr(backend, "_generator_step"):
         raise ClaraError(f"{export_dir} is not an export directory (check compares an export with torch)")
@@ -260,7 +251,7 @@ def check_export(export_dir: str | Path, reference_model: ClaraModel | None = No
     if probe:
         result.update(probe_process(str(export_dir)))
     _gate(result, quant)
-    _write_json(result, json_out)
+    write_report(result, json_out, "parity")
     return result
 
 
@@ -290,6 +281,7 @@ class StoredMemories:
 def check_memory_quant(model: ClaraModel, dtype: str = "int8", questions=QUESTIONS, dev_file=None, n_dev: int = 100,
                        max_new_tokens: int = 32, json_out=None) -> dict:
     """The parity gate for store vectors: torch fp32 generation from `dtype` memories against fp16 memories."""
+    report_path(json_out, "parity")
     ref, cand = StoredMemories(model, "fp16"), StoredMemories(model, dtype)
     questions = agreement_questions(dev_file, n_dev, questions)
     docs = [d for _, ds in questions for d in ds]
@@ -299,7 +291,7 @@ def check_memory_quant(model: ClaraModel, dtype: str = "int8", questions=QUESTIO
     result.update(_torch_agreement(model, model, questions, ref_mem, cand_mem, max_new_tokens))
     result.update(f1_parity(cand, ref, dev_file, n_dev) if dev_file else {"f1_delta": None})
     _gate(result, "int8" if dtype == "int8" else "int4")
-    _write_json(result, json_out)
+    write_report(result, json_out, "parity")
     return result
 
 
@@ -322,6 +314,7 @@ def check_bnb(model: ClaraModel, mode: str = "int8", device: str = "cpu", questi
     memory errors, token agreement and F1 delta as for exports; int8 is held to the int8 targets, nf4 to int4's."""
     from .bnb import quantize_bnb
 
+    report_path(json_out, "parity")
     cand = quantize_bnb(model, mode, device)
     questions = agreement_questions(dev_file, n_dev, questions)
     docs, qs = [d for _, ds in questions for d in ds], [q for q, _ in questions]
@@ -333,7 +326,7 @@ def check_bnb(model: ClaraModel, mode: str = "int8", device: str = "cpu", questi
     result.update(_torch_agreement(model, cand, questions, ref_mem, cand_mem, max_new_tokens))
     result.update(f1_parity(cand, model, dev_file, n_dev) if dev_file else {"f1_delta": None})
     _gate(result, "int8" if mode == "int8" else "int4")
-    _write_json(result, json_out)
+    write_report(result, json_out, "parity")
     return result
 
 

@@ -194,6 +194,10 @@ def test_evaluate_file_limit_and_json(model, tmp_path):
     with pytest.raises(ClaraError, match="closed-book"):  # argument errors come before reading the file
         evaluate_file(model, tmp_path / "missing.jsonl", mode="closed-book", retriever="bm25")
     assert len(load_eval_set(data, limit=3).candidates[2].docs) == 6
+    (tmp_path / "file").write_text("")
+    for unwritable in (tmp_path / "out", tmp_path / "file" / "report.json"):  # refused before evaluating
+        with pytest.raises(ClaraError, match=f"cannot write the eval report to {unwritable}: "):
+            evaluate_file(model, tmp_path / "missing.jsonl", json_out=unwritable, progress=False)
 
 
 def test_cli_eval_writes_per_question_rows_on_request(tiny_base_dir, tmp_path, capsys):

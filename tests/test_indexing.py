@@ -215,6 +215,20 @@ def test_runtime_refuses_a_bad_top_k_before_retrieving(model, tmp_path, retrieve
         runtime.ask("Which river?", top_k=top_k, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("sampling,needle", [({"temperature": 0.0}, "--temperature must be above 0"),
+                                              ({"temperature": -1.0}, "--temperature must be above 0"),
+                                              ({"top_p": 0.0}, "--top-p must be above 0"),
+                                              ({"top_p": 1.5}, "--top-p must be above 0 and at most 1")])
+def test_runtime_refuses_bad_sampling_options(model, tmp_path, sampling, needle):
+    from clara_edge.errors import ClaraError
+    from clara_edge.runtime import Runtime
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    with pytest.raises(ClaraError, match=needle):
+        runtime.ask("Which river?", top_k=1, max_new_tokens=2, do_sample=True, **sampling)
+    runtime.ask("Which river?", top_k=1, max_new_tokens=2, do_sample=False, **sampling)  # greedy ignores them
+
+
 def test_index_saves_the_text_index_of_the_final_state(model, tmp_path, capsys):
     from clara_edge.cli import main
     corpus = make_corpus(tmp_path / "c", n_txt=4, n_rows=2)
