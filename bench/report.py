@@ -358,6 +358,8 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
     explicit = bool(backends)
     backends = expand_backends(backends, quick)  # a bad name fails before anything is loaded or written
     out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClaraError(f"bench --out {out_dir} is a file: give a folder for report.json, report.md and plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     folder = eval_dir(data_dir)

@@ -615,6 +615,9 @@ def _check_run_dir(run: Run, resume: bool) -> None:
     out, record, recipe = run.out, run.out / "recipe.json", json.loads(json.dumps(run.recipe))
     init_file = out / "init.json"
     init = None if run.init is None else {k: v for k, v in init_record(run.init).items() if k != "path"}
+    if out.exists() and (not out.is_dir() or (not record.is_file() and any(out.iterdir()))):
+        # never train into (nor, with --no-resume, empty) a folder that holds something else, a store say
+        raise ClaraError(f"{out} exists and is not a training run directory: choose an empty or new --out")
     if resume and record.is_file():
         previous = json.loads(record.read_text())
         if previous != recipe:

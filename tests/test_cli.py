@@ -48,6 +48,7 @@ def test_unknown_option_is_usage_error(capsys):
     (["forget", "notes/a.md", "--store", "/no/such/store"], "no memory store at /no/such/store"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),
     (["bench", "--only", "latency", "--reps", "0"], "--reps must be at least 1"),
+    (["bench", "--only", "latency", "--out", __file__], "is a file: give a folder"),
     (["export", "--format", "coreml", "--lora", "shared", "--out", "/no/such/export"], "--lora applies to ONNX"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):

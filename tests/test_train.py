@@ -339,6 +339,20 @@ def test_resume_after_stops_matches_uninterrupted_run(env, full_run):
         run(env, out, overrides={"seed": 1})
 
 
+def test_a_folder_that_is_not_a_run_is_refused_and_kept(env, tmp_path):
+    """--out pointing at a store or notes folder (or a file) is refused; --no-resume must not empty it."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "store.sqlite").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for out, resume in ((notes, True), (notes, False), (tmp_path / "file", True)):
+        with pytest.raises(ClaraError, match="exists and is not a training run directory"):
+            run(env, out, resume=resume)
+    assert (notes / "store.sqlite").read_text() == "keep me" and sorted(p.name for p in notes.iterdir()) == [
+        "store.sqlite"]
+    assert (tmp_path / "file").read_text() == "keep me too"
+
+
 def test_init_continues_a_trained_checkpoint(env, full_run):
     """`retrieval` from a trained checkpoint: only the query adapter and the retrieval centre move; the chain of
     runs is recorded; a checkpoint of another shape, or a resume from another init, is refused."""
