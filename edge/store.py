@@ -43,6 +43,13 @@ DTYPES = ("fp16", "int8", "int4")
 BLOCK_ROWS = 1024  # rows per checksum block
 DB_NAME, LOCK_NAME = "store.sqlite", "write.lock"
 _VECTOR_FILE = re.compile(r"vectors(-\d+)?\.bin")
+
+
+def _fits_a_new_store(name: str) -> bool:
+    """Whether a file `name` may be in the folder of a new store: one a store writes (an interrupted create
+    leaves some behind) or macOS's folder metadata."""
+    return (name.startswith((DB_NAME, "bm25-")) or name in (LOCK_NAME, ".DS_Store")
+            or _VECTOR_FILE.fullmatch(name) is not None)
 _QMAX = {"int8": 127, "int4": 7}
 
 SCHEMA = """
@@ -207,6 +214,9 @@ class MemoryStore:
             raise ClaraError(f"unknown store dtype {spec.dtype!r}: use {', '.join(DTYPES)}")
         if (path / DB_NAME).exists():
             raise ClaraError(f"a memory store already exists at {path}")
+        if path.is_dir() and any(not _fits_a_new_store(p.name) for p in path.iterdir()):
+            # a store's files do not belong among a user's own (notes, a corpus being indexed)
+            raise ClaraError(f"{path} holds other files: a new store needs an empty or new --store folder")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -104,6 +104,21 @@ def test_bad_memories_store_nothing(tmp_path):
         MemoryStore.create(tmp_path / "s", SPEC)
 
 
+def test_a_new_store_needs_a_folder_of_its_own(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep me")
+    with pytest.raises(ClaraError, match="holds other files: a new store needs an empty or new --store"):
+        MemoryStore.create(notes, SPEC)
+    assert sorted(p.name for p in notes.iterdir()) == ["a.txt"]
+    leftovers = tmp_path / "interrupted"  # what a create cut off before its rename leaves, and Finder's file
+    leftovers.mkdir()
+    for name in ("write.lock", "store.sqlite.new", ".DS_Store"):
+        (leftovers / name).write_text("")
+    MemoryStore.create(leftovers, SPEC).close()
+    MemoryStore.create(tmp_path / "empty" / "new", SPEC).close()
+
+
 def test_missing_store_is_one_clear_line(tmp_path):
     for path in (tmp_path / "nope", tmp_path):
         with pytest.raises(ClaraError, match=r"no memory store at .*clara-edge index"):
