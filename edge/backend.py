@@ -68,7 +68,9 @@ def open_backend(model: str | None = None, backend: str = "auto", compression: i
     manifest = export_manifest(Path(model).expanduser()) if model else None
     kind = manifest["format"] if manifest else "torch"
     if backend not in ("auto", kind):
-        raise ClaraError(f"model {model} is a {kind} model; --backend {backend} needs a {backend} export "
+        named = f"model {model}" if model else "the default model"
+        article = "an" if backend[0] in "aeiou" else "a"
+        raise ClaraError(f"{named} is a {kind} model; --backend {backend} needs {article} {backend} export "
                          f"(make one with `clara-edge export --format {backend}`)")
     if kind == "torch":
         from .checkpoint import load_model

@@ -96,9 +96,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        for key, value in info.items():
-            print(f"{key:<20} {value}")
+        rows = _flat(info)
+        width = max(map(len, rows)) + 1
+        for key, value in rows.items():
+            print(f"{key:<{width}}{value}")
     return 0
+
+
+def _flat(info: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys (`extra.init.recipe`), one line each in `info`'s table."""
+    flat = {}
+    for key, value in info.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def cmd_index(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ def test_unknown_option_is_usage_error(capsys):
     (["train", "--recipe", "retrieval", "--init", "/no/such/checkpoint", "--out", "/no/such/run"],
      "not a clara-edge checkpoint"),
     (["info", "--model", "smollm2-135m", "--dtype", "fp7"], "unknown dtype"),
+    (["info", "--backend", "onnx"], "the default model is a torch model; --backend onnx needs an onnx export"),
     (["ask", "hello", "--store", "/no/such/store", "--top-k", "lots"], "--top-k must be"),
     (["forget", "notes/a.md", "--store", "/no/such/store"], "no memory store at /no/such/store"),
     (["bench", "--only", "accuracy", "--data", "/no/such/folder"], "no such folder"),
@@ -60,6 +61,15 @@ def test_export_lora_choices_are_the_exporters():
     from clara_edge.export.onnx_export import LORA_MODES
     export = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
     assert tuple(next(a for a in export._actions if a.dest == "lora").choices) == LORA_MODES
+
+
+def test_info_table_shows_nested_fields_as_dotted_keys(tiny_base_dir, capsys):
+    assert main(["info", "--model", str(tiny_base_dir), "--compression", "32"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["backend"] == "torch" and rows["compression_rate"] == "32"
+    from clara_edge.cli import _flat
+    assert _flat({"a": 1, "extra": {"init": {"recipe": "cpu"}, "x": 2}, "e": {}}) == {
+        "a": 1, "extra.init.recipe": "cpu", "extra.x": 2, "e": {}}
 
 
 def test_info_on_a_base_folder(tiny_base_dir, capsys):
