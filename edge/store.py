@@ -43,13 +43,6 @@ DTYPES = ("fp16", "int8", "int4")
 BLOCK_ROWS = 1024  # rows per checksum block
 DB_NAME, LOCK_NAME = "store.sqlite", "write.lock"
 _VECTOR_FILE = re.compile(r"vectors(-\d+)?\.bin")
-
-
-def _fits_a_new_store(name: str) -> bool:
-    """Whether a file `name` may be in the folder of a new store: one a store writes (an interrupted create
-    leaves some behind) or macOS's folder metadata."""
-    return (name.startswith((DB_NAME, "bm25-")) or name in (LOCK_NAME, ".DS_Store")
-            or _VECTOR_FILE.fullmatch(name) is not None)
 _QMAX = {"int8": 127, "int4": 7}
 
 SCHEMA = """
@@ -61,6 +54,13 @@ CREATE TABLE chunks (id INTEGER PRIMARY KEY, source_id INTEGER NOT NULL, doc INT
 CREATE INDEX chunks_source ON chunks(source_id);
 CREATE TABLE blocks (block INTEGER PRIMARY KEY, rows INTEGER NOT NULL, crc32 INTEGER NOT NULL);
 """
+
+
+def _fits_a_new_store(name: str) -> bool:
+    """Whether a file `name` may be in the folder of a new store: one a store writes (an interrupted create
+    leaves some behind) or macOS's folder metadata."""
+    return (name.startswith((DB_NAME, "bm25-")) or name in (LOCK_NAME, ".DS_Store")
+            or _VECTOR_FILE.fullmatch(name) is not None)
 
 
 @dataclass(frozen=True)
