@@ -34,7 +34,9 @@ def make_budget(context: int, model_max: int, overhead: int, n_mem: int, answer:
         raise ClaraError(f"context {context} exceeds the model's {model_max} positions")
     budget = Budget(context, overhead, n_mem + 1, answer)
     if budget.max_docs < 1:
-        raise ClaraError(f"context {context} leaves no room for a document (prompt {overhead} + answer {answer})")
+        raise ClaraError(f"the prompt with its question takes {overhead} positions and the answer {answer}: "
+                         f"context {context} leaves no room for a document ({budget.per_doc} positions); "
+                         "shorten the question or --max-new-tokens, or raise --context")
     return budget
 
 

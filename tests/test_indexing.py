@@ -215,6 +215,15 @@ def test_runtime_refuses_a_bad_top_k_before_retrieving(model, tmp_path, retrieve
         runtime.ask("Which river?", top_k=top_k, max_new_tokens=2)
 
 
+def test_runtime_says_when_the_question_alone_fills_the_context(model, tmp_path):
+    from clara_edge.errors import ClaraError
+    from clara_edge.runtime import Runtime
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    with pytest.raises(ClaraError, match=r"prompt with its question takes \d+ positions .* shorten the question"):
+        runtime.ask("Which river? " * 200, top_k=None, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("sampling,needle", [({"temperature": 0.0}, "--temperature must be above 0"),
                                               ({"temperature": -1.0}, "--temperature must be above 0"),
                                               ({"top_p": 0.0}, "--top-p must be above 0"),
