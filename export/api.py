@@ -43,6 +43,10 @@ def export_model(model: ClaraModel, fmt: str, quant: str, out_dir: str | Path, s
     if isinstance(model, OnnxBackend) and fmt == "onnx":
         from .onnx_export import requantize_export
 
+        lora = options.get("lora")
+        if lora is not None and lora != model.manifest["lora"]:
+            raise ClaraError(f"{model.path} is a {model.manifest['lora']!r} export: requantising keeps its LoRA "
+                             f"layout; export --lora {lora} from the torch model instead")
         return requantize_export(model.path, out_dir, quant, options.get("accuracy_level"))
     if not isinstance(model, ClaraModel):
         raise ClaraError("export needs a torch model (a checkpoint, base model or the default) or, for --format "

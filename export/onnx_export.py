@@ -444,6 +444,8 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
     def write_rest(tmp: Path) -> None:
         shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         shutil.copy2(src / SPECIAL_EMBEDDINGS_FILE, tmp / SPECIAL_EMBEDDINGS_FILE)
+        if CENTRE_FILE in manifest["files"]:  # without it the export would rank by raw cosine, silently
+            shutil.copy2(src / CENTRE_FILE, tmp / CENTRE_FILE)
         write_table(tmp, table, quant)
 
     table = np.load(src / EMBEDDINGS_FILE)

@@ -2,7 +2,9 @@
 
 `check_export` reports
     graphs           per graph, max-abs and cosine error against torch on identical inputs: compressor and
-                     query memories, generator logits over prefill and teacher-forced KV-cache decode steps
+                     query memories, generator logits over prefill and teacher-forced KV-cache decode steps;
+                     "retrieval": the question-document cosine scores, which the retrieval centre moves too
+    same_centre      whether the export carries the torch model's retrieval centre (or neither has one)
     token_agreement  greedy-token agreement (0..1) on a fixed question set, plus the first AGREEMENT_DEV_ROWS
                      dev questions (gold documents) when a dev file is given, teacher-forced: the export runs its
                      whole pipeline (its compressor, embedding table and generator) and at every step predicts
@@ -16,7 +18,8 @@
                      questions' F1 changed at all: whether a delta is signal or a handful of flipped answers
     size_mb, peak_rss_mb, tokens_per_s, prefill_s   the export on disk; a fresh process's peak RSS and batch-1
                      decode speed on one CPU thread (64 forced tokens after a warm-up)
-    targets, passed  token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8); |f1_delta| <= 1.5 (int4)
+    targets, passed  same_centre, token_agreement >= 0.95 and |f1_delta| <= 0.5 (fp32 / fp16 / int8);
+                     |f1_delta| <= 1.5 (int4)
 `check_memory_quant` applies the same gate to a memory store's int8 (or int4) vectors against fp16 ones, and
 `check_bnb` to bitsandbytes int8 / nf4 base weights (torch backend) against fp32.
 """
@@ -39,6 +42,7 @@ from clara_edge.backend import open_backend
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
 from clara_edge.reports import report_path, write_report
+from clara_edge.retrieval import cosine_scores
 from clara_edge.runtime import peak_rss_mb
 
 # (question, documents): a fixed set, short enough for any model's context
@@ -185,8 +189,11 @@ def graph_and_token_parity(backend, ref: ClaraModel, questions=QUESTIONS, max_ne
     docs = [d for _, ds in questions for d in ds]
     ref_mem, exp_mem = ref.compress(docs), backend.compress(docs)
     qs = [q for q, _ in questions]
-    graphs = {"compressor": tensor_error(ref_mem, exp_mem),
-              "query": tensor_error(ref.encode_query(qs), backend.encode_query(qs))}
+    ref_query, exp_query = ref.encode_query(qs), backend.encode_query(qs)
+    graphs = {"compressor": tensor_error(ref_mem, exp_mem), "query": tensor_error(ref_query, exp_query),
+              # what ranking sees: both graphs and the retrieval centre the export carries
+              "retrieval": tensor_error(cosine_scores(ref_query, ref_mem, ref.retrieval_centre),
+                                        cosine_scores(exp_query, exp_mem, backend.retrieval_centre))}
     gen_errors = []
 
     def generator_error(q, mem, targets):  # identical inputs: the generator graph alone
@@ -229,7 +236,15 @@ def _gate(result: dict, quant: str) -> dict:
     if result.get("f1_delta") is not None:
         checks.append(abs(result["f1_delta"]) <= f1_tol)
     result["passed"] = bool(all(checks)) if checks else None
+    if result.get("same_centre") is False:  # the export would rank otherwise than its model, whatever it answers
+        result["passed"] = False
     return result
+
+
+def _same_centre(ref: torch.Tensor | None, got: torch.Tensor | None) -> bool:
+    if ref is None or got is None:
+        return ref is None and got is None
+    return ref.shape == got.shape and torch.allclose(ref.float(), got.float())
 
 
 def check_export(export_dir: str | Path, reference_model: ClaraModel | None = None,
@@ -244,7 +259,8 @@ def check_export(export_dir: str | Path, reference_model: ClaraModel | None = No
     ref = reference_for(backend.manifest, reference_model)
     quant = backend.manifest.get("quant", "fp32")
     result = {"export": str(export_dir), "format": backend.manifest["format"], "quant": quant,
-              "lora": backend.manifest.get("lora"), "size_mb": backend.manifest.get("size_mb")}
+              "lora": backend.manifest.get("lora"), "size_mb": backend.manifest.get("size_mb"),
+              "same_centre": _same_centre(ref.retrieval_centre, backend.retrieval_centre)}
     result.update(graph_and_token_parity(backend, ref, agreement_questions(dev_file, n_dev, questions),
                                          max_new_tokens))
     result.update(f1_parity(backend, ref, dev_file, n_dev) if dev_file else {"f1_delta": None})

@@ -210,6 +210,8 @@ def test_lora_modes_trade_size_for_generator_nodes():
 
 
 def test_the_retrieval_centre_travels_with_the_export(tmp_path):
+    from clara_edge.export.api import export_model
+
     model, traced = tiny_traced("llama", DEFAULT_LORA)
     assert OnnxBackend(tiny_onnx_export("fp32")[1]).retrieval_centre is None
     centre = torch.randn(model.config.n_mem, model.hidden_size)
@@ -219,6 +221,8 @@ def test_the_retrieval_centre_travels_with_the_export(tmp_path):
     finally:
         model.retrieval_centre = None
     assert torch.equal(OnnxBackend(path).retrieval_centre, centre)
+    requantised = export_model(OnnxBackend(path), "onnx", "int8", tmp_path / "int8")
+    assert torch.equal(OnnxBackend(requantised).retrieval_centre, centre)
     np.save(path / CENTRE_FILE, np.zeros((2, 3), np.float32))
     with pytest.raises(ClaraError, match="retrieval_centre.npy"):
         OnnxBackend(path)
@@ -420,6 +424,8 @@ def test_requantise_an_fp32_export(tmp_path):
     assert float(torch.nn.functional.cosine_similarity(model.compress(DOCS).flatten(1), backend.compress(DOCS).flatten(1)).min()) > 0.98
     with pytest.raises(ClaraError, match="quantise from an fp32 export"):
         export_model(backend, "onnx", "int8", tmp_path / "again")
+    with pytest.raises(ClaraError, match="a 'shared' export: requantising keeps its LoRA layout"):
+        export_model(OnnxBackend(path), "onnx", "int8", tmp_path / "again", lora="merged")
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -48,10 +48,10 @@ def test_fp32_export_passes_the_gate(tmp_path, dev_file):
     assert result["token_agreement"] == 1.0 and result["sequence_match"] == 1.0
     assert result["f1_delta"] == 0.0 and result["n_dev"] == 4
     assert result["f1_delta_se"] == 0.0 and result["f1_rows_changed"] == 0
-    for graph in ("compressor", "query", "generator"):
+    for graph in ("compressor", "query", "generator", "retrieval"):
         assert result["graphs"][graph]["max_abs"] < 1e-4
         assert result["graphs"][graph]["cosine_min"] > 0.99999
-    assert result["passed"] is True
+    assert result["same_centre"] is True and result["passed"] is True
     written = json.loads(out.read_text())
     for key in ("token_agreement", "f1_delta", "size_mb", "peak_rss_mb", "tokens_per_s"):
         assert key in written
@@ -65,6 +65,16 @@ def test_int4_export_is_measured_against_its_own_targets():
     assert result["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5}
     assert result["graphs"]["generator"]["max_abs"] > 0  # quantised: not bit-exact
     assert result["f1_delta"] is None and result["passed"] is None  # int4's one target is the F1 delta
+
+
+def test_an_export_without_its_models_retrieval_centre_fails(monkeypatch):
+    """Same graphs, same answers, another ranking: the gate must not pass it."""
+    model, path = tiny_onnx_export("fp32")
+    monkeypatch.setattr(model, "retrieval_centre", torch.randn(model.config.n_mem, model.hidden_size))
+    result = check_export(path, reference_model=model, questions=FIXED, probe=False, max_new_tokens=4)
+    assert result["token_agreement"] == 1.0 and result["graphs"]["query"]["max_abs"] < 1e-4
+    assert result["same_centre"] is False and result["passed"] is False
+    assert result["graphs"]["retrieval"]["max_abs"] > 1e-3
 
 
 def test_reference_must_be_the_source_model():
