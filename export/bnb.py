@@ -48,6 +48,13 @@ def _quantized_linear(layer: nn.Linear, mode: str, device: str) -> nn.Module:
     return new.to(device)  # moving to the device quantises the weights
 
 
+def base_linears(decoder: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The decoder's base linear layers: the ones LoRA wraps (their `base_layer`) and the ones it does not (the MLP,
+    when adapters sit on attention only), never the LoRA matrices themselves."""
+    return [(name, mod) for name, mod in decoder.named_modules()
+            if type(mod) is nn.Linear and not any(part.startswith("lora_") for part in name.split("."))]
+
+
 def quantize_bnb(model: ClaraModel, mode: str = "nf4", device: str = "cuda") -> ClaraModel:
     """A copy of `model` whose base linear layers are bitsandbytes int8 / nf4 (LoRA and lm_head untouched)."""
     if mode not in BNB_MODES:
@@ -57,11 +64,7 @@ def quantize_bnb(model: ClaraModel, mode: str = "nf4", device: str = "cuda") -> 
         raise ClaraError(reason)
     out = copy.deepcopy(model)
     decoder = out.lm.get_base_model().get_decoder()
-    targets = [(name, mod) for name, mod in decoder.named_modules()
-               if name.endswith("base_layer") and isinstance(mod, nn.Linear)]
-    if not targets:  # adapters that do not wrap the linears: quantise the plain linears of the decoder
-        targets = [(name, mod) for name, mod in decoder.named_modules() if type(mod) is nn.Linear]
-    for name, layer in targets:
+    for name, layer in base_linears(decoder):
         parent_name, _, child = name.rpartition(".")
         setattr(decoder.get_submodule(parent_name), child, _quantized_linear(layer, mode, device))
     out.to(device)

@@ -191,6 +191,19 @@ def test_bitsandbytes_gate_with_a_lossless_stand_in(dev_file, monkeypatch):
     assert nf4["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5} and nf4["passed"] is None
 
 
+def test_bitsandbytes_takes_every_base_linear_whatever_the_adapters_wrap():
+    """The shipped adapters sit on attention only: the MLP (most of the weights) must be quantised too."""
+    from clara_edge.export.bnb import base_linears
+
+    for targets in ("all-linear", ["q_proj", "k_proj", "v_proj", "o_proj"]):
+        decoder = tiny_clara("llama", target_modules=targets).lm.get_base_model().get_decoder()
+        names = [name for name, _ in base_linears(decoder)]
+        layers = len(decoder.layers)
+        assert len(names) == 7 * layers and not any("lora" in n for n in names), names
+        assert sum(".mlp.down_proj" in n for n in names) == layers
+        assert sum(n.endswith("self_attn.q_proj.base_layer") for n in names) == layers
+
+
 def test_bitsandbytes_int8_weights_through_the_gate(dev_file):
     from clara_edge.export.bnb import bnb_unavailable
 

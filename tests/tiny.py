@@ -64,7 +64,7 @@ def tiny_clara(family: str = "llama", compression_rate: int = 16, doc_max_length
 
     config = ClaraConfig(base_model=f"tiny-{family}", compression_rate=compression_rate,
                          doc_max_length=doc_max_length, lora_r=lora.get("lora_r", 4), lora_alpha=8,
-                         lora_dropout=0.0)
+                         lora_dropout=0.0, target_modules=lora.get("target_modules", "all-linear"))
     model = ClaraModel(tiny_causal_lm(family, seed=seed), tiny_tokenizer(template), config, seed=seed)
     return model.eval()
 
