@@ -67,7 +67,7 @@ class BM25Index:
 
     @classmethod
     def load(cls, folder: Path) -> BM25Index:
-        """An index `save` wrote, its arrays memory-mapped (OSError / ValueError / KeyError if it is damaged)."""
+        """An index `save` wrote, its arrays memory-mapped (OSError / ValueError / KeyError / EOFError if it is damaged)."""
         index = cls.__new__(cls)
         index.size = int(json.loads((folder / "size.json").read_text())["size"])
         saved = folder / "bm25s"

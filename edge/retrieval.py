@@ -176,7 +176,7 @@ def _load_text_index(folder: Path, size: int) -> BM25Index | None:
         return None
     try:
         index = BM25Index.load(folder)
-    except (OSError, ValueError, KeyError):  # damaged: build it again rather than fail a question
+    except (OSError, ValueError, KeyError, EOFError):  # damaged: build it again rather than fail a question
         return None
     return index if index.size == size else None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -44,6 +45,8 @@ BLOCK_ROWS = 1024  # rows per checksum block
 DB_NAME, LOCK_NAME = "store.sqlite", "write.lock"
 _VECTOR_FILE = re.compile(r"vectors(-\d+)?\.bin")
 _QMAX = {"int8": 127, "int4": 7}
+# a source path below a folder: the prefix bound twice; case-sensitive, unlike LIKE (Notes/ is not notes/)
+_UNDER = "substr(path, 1, length(?)) = ?"
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +62,7 @@ CREATE TABLE blocks (block INTEGER PRIMARY KEY, rows INTEGER NOT NULL, crc32 INT
 def _fits_a_new_store(name: str) -> bool:
     """Whether a file `name` may be in the folder of a new store: one a store writes (an interrupted create
     leaves some behind) or macOS's folder metadata."""
-    return (name.startswith((DB_NAME, "bm25-")) or name in (LOCK_NAME, ".DS_Store")
+    return (name.startswith((DB_NAME, "bm25-", ".bm25-")) or name in (LOCK_NAME, ".DS_Store")
             or _VECTOR_FILE.fullmatch(name) is not None)
 
 
@@ -223,8 +226,12 @@ class MemoryStore:
             raise ClaraError(f"cannot create store directory {path}: {e.strerror or e}") from None
         lock = _take_lock(path)  # held from here on: no other writer sees the store before we do
         try:
+            for leftover in path.iterdir():  # an earlier store's: its BM25 index or WAL must not pass for ours
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                elif leftover.name not in (LOCK_NAME, ".DS_Store"):
+                    leftover.unlink()
             tmp = path / (DB_NAME + ".new")
-            tmp.unlink(missing_ok=True)
             # Build the schema under a temporary name and rename it, so a half-created store never exists.
             meta = {**asdict(spec), "format": FORMAT_VERSION, "rows": 0, "version": 0, "vector_file": "vectors.bin"}
             with _guarded(path, "cannot create"):
@@ -307,8 +314,8 @@ class MemoryStore:
     def sources_under(self, folder: str) -> list[str]:
         """Paths of the sources (complete or not) below `folder`."""
         with self._read() as db:
-            return [str(r[0]) for r in db.execute("SELECT path FROM sources WHERE path LIKE ? ESCAPE '\\'",
-                                                  (_like_prefix(folder.rstrip("/") + "/"),))]
+            prefix = folder.rstrip("/") + "/"
+            return [str(r[0]) for r in db.execute(f"SELECT path FROM sources WHERE {_UNDER}", (prefix, prefix))]
 
     def unfinished(self, path: str, sha256: str) -> tuple[int, ChunkRecord] | None:
         """(chunks committed, the last of them) of a source left 'indexing' with these bytes, else None."""
@@ -421,18 +428,19 @@ class MemoryStore:
         """Remove sources (each path a source, or every source under a folder) in one commit: all of them, or
         none when a path matches nothing; returns how many chunks went."""
         self.require_writer()
-        removed = 0
         with self._write() as db:
+            matched: dict[int, None] = {}  # paths may overlap (a folder and a file in it): each source goes once
             for path in paths:
                 ids: list[int] = []
                 # As given (an API source name), else as index_paths records it: the resolved path.
                 for key in dict.fromkeys([str(path), str(Path(path).expanduser().resolve())]):
-                    ids = ids or [r[0] for r in db.execute(
-                        "SELECT id FROM sources WHERE path = ? OR path LIKE ? ESCAPE '\\'",
-                        (key, _like_prefix(key.rstrip("/") + "/")))]
+                    prefix = key.rstrip("/") + "/"
+                    ids = ids or [r[0] for r in db.execute(f"SELECT id FROM sources WHERE path = ? OR {_UNDER}",
+                                                           (key, prefix, prefix))]
                 if not ids:
                     raise ClaraError(f"store {self.path} holds no source {path}")
-                removed += sum(self._drop_source(db, i) for i in ids)
+                matched.update(dict.fromkeys(ids))
+            removed = sum(self._drop_source(db, i) for i in matched)
             self._set_meta(db, version=self._version(db) + 1)
         return removed
 
@@ -644,9 +652,6 @@ def _first_line(e: BaseException) -> str:
 def _int_array(cursor: sqlite3.Cursor) -> np.ndarray:
     return np.fromiter((r[0] for r in cursor), dtype=np.int64)
 
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def fsync_dir(path: Path) -> None:

@@ -200,6 +200,12 @@ def test_saved_text_index_is_mapped_by_a_new_reader_and_follows_the_state(text_s
     text_store.snapshot()
     newer = save_text_index(text_store)
     assert newer != folder and not folder.exists() and newer.is_dir()  # the old state's index is gone
-    (newer / "size.json").write_text("{broken")  # damaged: a reader builds the index instead of failing
-    with MemoryStore.open(text_store.path) as reader:
-        assert 6 not in fused_search(reader, mem, ["Where is the canyon?"], 11)[1][0].tolist()
+    expect = fused_search(text_store, mem, ["Where is the canyon?"], 11)
+    for part in sorted(p for p in newer.rglob("*") if p.is_file()):
+        intact = part.read_bytes()
+        for damaged in (b"", intact[: len(intact) // 2], b"{broken"):  # a reader builds the index instead of failing
+            part.write_bytes(damaged)
+            with MemoryStore.open(text_store.path) as reader:
+                got = fused_search(reader, mem, ["Where is the canyon?"], 11)
+                assert torch.equal(got[1], expect[1]) and 6 not in got[1][0].tolist(), (part.name, damaged[:8])
+        part.write_bytes(intact)

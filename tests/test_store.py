@@ -119,6 +119,24 @@ def test_a_new_store_needs_a_folder_of_its_own(tmp_path):
     MemoryStore.create(tmp_path / "empty" / "new", SPEC).close()
 
 
+def test_a_new_store_keeps_nothing_of_an_earlier_one_in_its_folder(tmp_path):
+    """A store deleted but for some files: its saved BM25 index, WAL and vectors must not pass for the new one's."""
+    from clara_edge.retrieval import save_text_index, saved_text_index
+
+    old = tmp_path / "s"
+    with MemoryStore.create(old, SPEC) as s:
+        add_source(s, "/old.txt", 3)
+        save_text_index(s)
+    (old / "store.sqlite").unlink()
+    (old / "store.sqlite-wal").write_bytes(b"\0" * 64)
+    (old / ".bm25-x.partial").mkdir()
+    with MemoryStore.create(old, SPEC) as s:
+        assert saved_text_index(s) is None and (old / "vectors.bin").stat().st_size == 0
+        assert not [p.name for p in old.iterdir() if "bm25" in p.name]
+        add_source(s, "/new.txt", 3)
+        assert saved_text_index(s) is None and [c.source for c in s.chunks([0, 1, 2])] == ["/new.txt"] * 3
+
+
 def test_missing_store_is_one_clear_line(tmp_path):
     for path in (tmp_path / "nope", tmp_path):
         with pytest.raises(ClaraError, match=r"no memory store at .*clara-edge index"):
@@ -244,6 +262,19 @@ def test_folder_delete_removes_sources_under_it(tmp_path):
         assert sorted(s.sources_under("/data/x/")) == ["/data/x/1.txt", "/data/x/2.txt"]
         assert s.delete_source("/data/x") == 2
         assert s.info()["sources"] == 2
+
+
+def test_folder_delete_is_case_sensitive_and_overlapping_paths_go_once(tmp_path):
+    with MemoryStore.create(tmp_path / "s", SPEC) as s:
+        for src in ("/d/Notes/a.txt", "/d/notes/b.txt", "/d/Notes/c.txt", "/d/100%/e.txt", "/d/1000/f.txt"):
+            add_source(s, src, 1)
+        assert s.sources_under("/d/Notes") == ["/d/Notes/a.txt", "/d/Notes/c.txt"]
+        assert s.delete_source("/d/Notes", "/d/Notes/a.txt", "/d/Notes") == 2  # a folder, a file in it, again
+        assert s.sources_under("/d/notes") == ["/d/notes/b.txt"]
+        assert s.sources_under("/d/100%") == ["/d/100%/e.txt"]  # no wildcards in paths
+        with pytest.raises(ClaraError, match="holds no source /d/NOTES"):
+            s.delete_source("/d/notes/b.txt", "/d/NOTES")  # all or none
+        assert s.info()["sources"] == 3
 
 
 # ------------------------------------------------------------------------------------------ damaged files
