@@ -81,7 +81,32 @@ class Generation:
         return sum(len(t) for t in self.token_ids)
 
 
-TokenCallback = Callable[[int, str], None]  # (row, text piece) for streaming
+TokenCallback = Callable[[int, str], None]  # (row, text piece) for streaming, once per generated token
+
+
+class TokenStream:
+    """Each row's generated tokens, streamed to `on_token` as text pieces that join into the decoded answer so far.
+
+    Why not decode token by token: byte-level BPE splits a character across tokens ("日" is two in SmolLM2's
+    vocabulary) and SentencePiece drops a lone token's leading space; the answer so far decodes right. A token
+    that ends inside a character streams "" until the character is whole, so callers still see every token."""
+
+    def __init__(self, tokenizer, batch: int, on_token: TokenCallback | None) -> None:
+        self.tokenizer, self.on_token = tokenizer, on_token
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self._shown = [0] * batch
+
+    def push(self, row: int, token_id: int) -> None:
+        self.tokens[row].append(token_id)
+        if self.on_token is None:
+            return
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        piece = "" if text.endswith("\ufffd") else text[self._shown[row]:]
+        self._shown[row] += len(piece)
+        self.on_token(row, piece)
+
+    def answers(self) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in self.tokens]
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -351,7 +376,7 @@ class ClaraModel(nn.Module):
         batch = inputs_embeds.shape[0]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         context = mask.sum(-1).tolist()
-        tokens: list[list[int]] = [[] for _ in range(batch)]
+        stream = TokenStream(self.tokenizer, batch, on_token)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         reuse, past, steps = 0, None, 0
         if prefix_cache is not None:
@@ -373,9 +398,7 @@ class ClaraModel(nn.Module):
                     tid = picked[row]
                     if tid in eos_list:
                         continue
-                    tokens[row].append(tid)
-                    if on_token is not None:
-                        on_token(row, self.tokenizer.decode([tid]))
+                    stream.push(row, tid)
                 finished |= torch.isin(nxt, eos)
                 if bool(finished.all()) or step == max_new_tokens - 1:
                     break
@@ -388,8 +411,7 @@ class ClaraModel(nn.Module):
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, out.past_key_values)
         prefill_end = prefill_end or end
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
+        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
 
     @contextmanager
     def _adapters_disabled_if(self, disabled: bool):

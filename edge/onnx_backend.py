@@ -34,7 +34,7 @@ import torch
 
 from .backend import EXPORT_MANIFEST
 from .errors import ClaraError
-from .model import ROLES, ClaraConfig, ClaraModel, Generation, TokenCallback
+from .model import ROLES, ClaraConfig, ClaraModel, Generation, TokenCallback, TokenStream
 from .prefix_cache import PrefixCache
 from .prompt import special_tokens
 
@@ -249,7 +249,7 @@ class ExportedBackend:
         batch = embeds.shape[0]
         positions = np.clip(mask_np.cumsum(-1) - 1, 0, None)
         context = mask_np.sum(-1).tolist()
-        tokens: list[list[int]] = [[] for _ in range(batch)]
+        stream = TokenStream(self.tokenizer, batch, on_token)
         finished = np.zeros(batch, dtype=bool)
         reuse, state, steps = 0, None, 0
         if prefix_cache is not None:
@@ -269,9 +269,7 @@ class ExportedBackend:
                 if tid in eos:
                     finished[row] = True
                     continue
-                tokens[row].append(tid)
-                if on_token is not None:
-                    on_token(row, self.tokenizer.decode([tid]))
+                stream.push(row, tid)
             if finished.all() or step == max_new_tokens - 1:
                 break
             mask_np = np.concatenate([mask_np, np.ones((batch, 1), np.int64)], axis=1)
@@ -283,8 +281,7 @@ class ExportedBackend:
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, state)
         prefill_end = prefill_end or end
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return Generation(texts, tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
+        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
 
 
 class OnnxBackend(ExportedBackend):

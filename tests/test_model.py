@@ -130,6 +130,21 @@ def test_streaming_callback_sees_every_token(model):
     assert len(pieces) == len(out.token_ids[0])
 
 
+def test_a_stream_joins_into_the_answer_and_never_splits_a_character():
+    """Byte-level BPE splits "日" and "😀" across tokens: decoded one by one they stream as U+FFFD."""
+    from clara_edge.model import TokenStream
+
+    tok = tiny_tokenizer()
+    text = "日本の首都は東京です 😀 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # what streaming token by token printed
+    pieces: list[str] = []
+    stream = TokenStream(tok, 1, lambda row, piece: pieces.append(piece))
+    for i in ids:
+        stream.push(0, i)
+    assert len(pieces) == len(ids) and "".join(pieces) == text and stream.answers() == [text]
+
+
 def test_sampling_is_seeded(model):
     mem = model.compress(DOCS[:1])
     kw = dict(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=0.9)
