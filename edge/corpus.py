@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -34,7 +34,7 @@ SUFFIXES = (".txt", ".md", ".jsonl")
 WINDOW = 1 << 16  # characters tokenized per call: bounds the offsets arrays for huge documents
 # A new sentence starts after . ! ? (and closing quotes/brackets) plus whitespace, or after a newline.
 _SENTENCE_START = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])[\"'\u201d\u2019)\]]*\s+|\n\s*")
-_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#\r]*$", re.MULTILINE)  # \r: Windows line ends
 log = logging.getLogger("clara_edge")
 
 
@@ -198,8 +198,9 @@ def chunk_document(doc: Document, tokenizer, max_tokens: int) -> list[Chunk]:
         raise ClaraError(f"chunk length must be at least 1 token, got {max_tokens}")
     if not getattr(tokenizer, "is_fast", False):
         raise ClaraError("chunking needs a fast (Rust) tokenizer: it reads token offsets")
-    prefix = len(_token_counts(tokenizer, [document_text((doc.title, ""))])[0]) if doc.title else 0
-    budget = max(max_tokens - prefix, max_tokens // 2, 1)  # an absurd title is truncated by the compressor
+    title, prefix = _fitting_title(doc.title, tokenizer, max_tokens)
+    doc = replace(doc, title=title)
+    budget = max(max_tokens - prefix, 1)
     spans: list[tuple[int, int]] = []
     pos, text = 0, doc.text
     while pos < len(text):
@@ -222,6 +223,21 @@ def chunk_document(doc: Document, tokenizer, max_tokens: int) -> list[Chunk]:
             lead = len(raw) - len(raw.lstrip())
             chunks.append(Chunk(doc.source, doc.title, body, a + lead, len(chunks), doc.index))
     return chunks
+
+
+def _fitting_title(title: str, tokenizer, max_tokens: int) -> tuple[str, int]:
+    """`title` cut to whole tokens so that its chunk prefix ("title: ") takes at most half the budget, and that
+    prefix's length in tokens. Why: the rest is for text, and the compressor cuts a chunk's end, which is text."""
+    limit = max(max_tokens // 2, 1)
+    starts = _token_starts(tokenizer, title)
+    keep = len(starts)
+    while title:
+        prefix = len(_token_counts(tokenizer, [document_text((title, ""))])[0])
+        if prefix <= limit:
+            return title, prefix
+        keep = min(keep - 1, len(starts) - (prefix - limit))  # drop the tokens over the limit, one at least
+        title = title[:starts[keep]].rstrip() if keep > 0 else ""
+    return "", 0
 
 
 def _token_counts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,12 @@ def test_formats_titles_and_folder_order(tmp_path):
         ("z.txt", "z", "Plain text file.", 0),
     ]
     assert all(Path(d.source).is_absolute() for d in docs)
+
+
+def test_a_windows_line_end_is_not_part_of_the_title(tmp_path):
+    (tmp_path / "crlf.md").write_bytes(b"# My Title \r\n\r\nSome text.\r\n")
+    (doc,) = load_documents([tmp_path / "crlf.md"])
+    assert doc.title == "My Title"
 
 
 def test_markdown_heading_later_is_title_but_text_kept(tmp_path):
@@ -187,8 +194,20 @@ def test_newlines_break_chunks(tok):
 
 
 def test_title_tokens_count_against_the_budget(tok):
-    doc = Document("s", "A fairly long title for this document", "Some words here. " * 50)
-    check_chunks(doc, chunk_document(doc, tok, 48), tok, 48)
+    doc = Document("s", "A fairly long title for this document", "Some words here. " * 50)  # 35 tokens here
+    check_chunks(doc, chunk_document(doc, tok, 72), tok, 72)
+
+
+def test_a_long_title_is_cut_to_half_the_budget_and_the_text_still_fits(tok):
+    title = "An extraordinarily long title that goes on and on about many things " * 4
+    doc = Document("s", title, "Some words here. " * 50)
+    chunks = chunk_document(doc, tok, 32)
+    assert chunks and all(c.title == chunks[0].title for c in chunks) and title.startswith(chunks[0].title)
+    assert 0 < len(tok(chunks[0].title + ": ", add_special_tokens=False)["input_ids"]) <= 16
+    check_chunks(replace(doc, title=chunks[0].title), chunks, tok, 32)
+    assert nows("".join(c.text for c in chunks)) == nows(doc.text)
+    tiny_budget = chunk_document(doc, tok, 1)
+    assert tiny_budget and nows("".join(c.text for c in tiny_budget)) == nows(doc.text)
 
 
 def test_windows_do_not_change_the_chunks(tok, monkeypatch):
