@@ -80,8 +80,8 @@ class CachedCompression:
 
 def wide_k(model, context: int = WIDE_CONTEXT, answer: int = 64) -> int:
     """min(WIDE_K, the documents that fit `context` positions at this model's rate)."""
-    from clara_edge.budget import make_budget
-    overhead = len(model.prompt_ids("a question of ordinary length, about twelve words long?", 0))
+    from clara_edge.budget import make_budget, prompt_overhead
+    overhead = prompt_overhead(model, "a question of ordinary length, about twelve words long?")
     budget = make_budget(min(context, model.max_positions), model.max_positions, overhead,
                          model.config.n_mem, answer)
     return min(WIDE_K, budget.max_docs)

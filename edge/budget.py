@@ -27,6 +27,12 @@ class Budget:
         return self.overhead + n_docs * self.per_doc
 
 
+def prompt_overhead(backend, question: str) -> int:
+    """Positions of `question`'s generator prompt besides its documents' (n_mem + 1 each), measured with one
+    document: the frame's blank lines tokenize differently around none (SmolLM2: one position fewer)."""
+    return len(backend.prompt_ids(question, 1)) - (backend.config.n_mem + 1)
+
+
 def make_budget(context: int, model_max: int, overhead: int, n_mem: int, answer: int) -> Budget:
     if context < 1:
         raise ClaraError(f"context must be positive, got {context}")

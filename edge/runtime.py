@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backend import Backend
-from .budget import DEFAULT_CONTEXT, check_top_k, choose_k, make_budget
+from .budget import DEFAULT_CONTEXT, check_top_k, choose_k, make_budget, prompt_overhead
 from .errors import ClaraError
 from .prefix_cache import PrefixCache
 from .retrieval import fused_search, search
@@ -95,8 +95,8 @@ class Runtime:
             raise ClaraError("--min-score is a cosine floor: use it with --retriever clara (clara+bm25 ranks by "
                              "fusion scores)")
         n_mem = self.backend.config.n_mem
-        budget = make_budget(self.context, self.backend.max_positions,
-                             len(self.backend.prompt_ids(question, 0)), n_mem, max_new_tokens)
+        budget = make_budget(self.context, self.backend.max_positions, prompt_overhead(self.backend, question), n_mem,
+                             max_new_tokens)
         check_top_k(budget, top_k)
         start = time.perf_counter()
         query = self.backend.encode_query([question])

@@ -27,6 +27,14 @@ def test_default_is_the_shipped_trained_model(default_model):
     assert default_model.tokenizer.eos_token == "<|im_end|>" and default_model.eos_ids() == [2]
 
 
+def test_the_budget_counts_the_prompt_the_generator_reads(default_model):
+    from clara_edge.budget import make_budget, prompt_overhead
+    question = "Who proposed the World Wide Web?"
+    budget = make_budget(4096, default_model.max_positions, prompt_overhead(default_model, question), 16, 64)
+    for n in (1, 2, 5, 100, budget.max_docs):  # SmolLM2 spells the frame's blank lines otherwise around no document
+        assert budget.positions(n) == len(default_model.prompt_ids(question, n))
+
+
 def test_compress_200_token_passage_at_cr16(default_model):
     tok = default_model.tokenizer
     ids = tok("The Amazon rainforest covers much of the Amazon basin of South America. " * 40,

@@ -215,6 +215,16 @@ def test_runtime_refuses_a_bad_top_k_before_retrieving(model, tmp_path, retrieve
         runtime.ask("Which river?", top_k=top_k, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
+def test_the_budget_counts_the_prompt_the_generator_reads(family):
+    from clara_edge.budget import make_budget, prompt_overhead
+    model = tiny_clara(family)
+    for question in ("Which river?", "What is the longest river in the world, and where does it end?"):
+        budget = make_budget(512, model.max_positions, prompt_overhead(model, question), model.config.n_mem, 8)
+        for n in range(1, budget.max_docs + 1):
+            assert budget.positions(n) == len(model.prompt_ids(question, n)), (question, n)
+
+
 def test_runtime_says_when_the_question_alone_fills_the_context(model, tmp_path):
     from clara_edge.errors import ClaraError
     from clara_edge.runtime import Runtime
