@@ -8,12 +8,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .backend import Backend
-from .budget import DEFAULT_CONTEXT, check_top_k, choose_k, make_budget, prompt_overhead
+from .budget import DEFAULT_CONTEXT, Budget, check_top_k, choose_k, make_budget, prompt_overhead
 from .errors import ClaraError
 from .prefix_cache import PrefixCache
 from .retrieval import fused_search, search
-from .store import MemoryStore
+from .store import ChunkRecord, MemoryStore
+
+SEARCH_TRIES = 3  # a search whose store another process changed before its documents were read runs again
 
 
 def peak_rss_mb() -> float:
@@ -101,17 +105,16 @@ class Runtime:
         start = time.perf_counter()
         query = self.backend.encode_query([question])
         encoded = time.perf_counter()
-        n = top_k or budget.max_docs
-        centre = self.backend.retrieval_centre
-        scores, ids = (fused_search(self.store, query, [question], n, centre) if self.retriever == "clara+bm25"
-                       else search(self.store, query, n, centre))
+        for _ in range(SEARCH_TRIES):
+            found = self._retrieve(question, query, budget, top_k, min_score)
+            if found is not None:
+                break
+        else:
+            raise ClaraError(f"store {self.store.path} kept changing while answering (another process is "
+                             "writing to it): ask again")
+        scores, chunks, memories = found
+        k = len(chunks)
         retrieved = time.perf_counter()
-        scores, ids = scores[0].tolist(), ids[0].tolist()
-        if not ids:
-            raise ClaraError(f"store {self.store.path} holds no documents")
-        k = choose_k(budget, scores, top_k, min_score)
-        chunks = self.store.chunks(ids[:k])
-        memories = self.store.memories(ids[:k])
 
         first: list[float] = []
 
@@ -144,8 +147,24 @@ class Runtime:
             "peak_rss_mb": peak_rss_mb(),
         }
         sources = [{"id": c.id, "title": c.title, "source": c.source, "score": s}
-                   for c, s in zip(chunks, scores[:k])]
+                   for c, s in zip(chunks, scores)]
         return Answer(question, out.texts[0], sources, stats)
+
+    def _retrieve(self, question: str, query: torch.Tensor, budget: Budget, top_k: int | None, min_score: float
+                  ) -> tuple[list[float], list[ChunkRecord], torch.Tensor] | None:
+        """(scores, chunks, memories) of the k documents to read; None when a writer changed the store meanwhile."""
+        self.store.snapshot()
+        state = self.store.state()
+        n = top_k or budget.max_docs
+        centre = self.backend.retrieval_centre
+        scores, ids = (fused_search(self.store, query, [question], n, centre) if self.retriever == "clara+bm25"
+                       else search(self.store, query, n, centre))
+        scores, ids = scores[0].tolist(), ids[0].tolist()
+        if not ids:
+            raise ClaraError(f"store {self.store.path} holds no documents")
+        k = choose_k(budget, scores, top_k, min_score)
+        fetched = self.store.fetch(ids[:k], state)
+        return None if fetched is None else (scores[:k], *fetched)
 
 
 def format_answer_footer(answer: Answer) -> str:

@@ -343,8 +343,7 @@ class MemoryStore:
         BM25) are keyed by it."""
         if self._live is None:
             self.snapshot()
-        name, rows, version = self._live[0]
-        return f"{Path(name).stem}-{rows}-{version}"
+        return _state_key(*self._live[0])
 
     def _live_rows(self) -> tuple[str, int, np.ndarray]:
         """(vector file, committed rows, live mask [rows]) from one snapshot; the mask is cached per state."""
@@ -364,24 +363,42 @@ class MemoryStore:
 
     def chunks(self, ids: Iterable[int]) -> list[ChunkRecord]:
         """Chunk text and provenance for ids (as returned by search), in the order given."""
-        ids = [int(i) for i in ids]
         with self._read() as db:
-            found = {}
-            for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
-                part = ids[start:start + 500]
-                q = (f"SELECT c.id, s.path, c.title, c.text, c.offset, c.idx, c.doc FROM chunks c "
-                     f"JOIN sources s ON s.id = c.source_id WHERE c.id IN ({','.join('?' * len(part))})")
-                for r in db.execute(q, part):
-                    found[int(r[0])] = ChunkRecord(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
-                                                   int(r[5]), int(r[6]))
+            return self._chunk_records(db, ids)
+
+    def memories(self, ids: Sequence[int]) -> torch.Tensor:
+        """Dequantised memories [len(ids), n_mem, hidden] fp32, for the generator."""
+        return self._decode_rows(self.snapshot()[0], ids)
+
+    def fetch(self, ids: Sequence[int], state: str) -> tuple[list[ChunkRecord], torch.Tensor] | None:
+        """`chunks(ids)` and `memories(ids)` as the snapshot `state` holds them, `state` being what `state()` said
+        before the search that found `ids`; None when a writer has committed since (another process's index or
+        forget may compact, which renumbers ids): search again."""
+        with self._read() as db:
+            name, rows = self._vector_name(db), self._meta_int(db, "rows")
+            if _state_key(name, rows, self._version(db)) != state:
+                return None
+            chunks = self._chunk_records(db, ids)
+            # the file a compaction replaces is unlinked only after its commit: mapped here, it is still whole
+            records = self._map[1] if self._map is not None and self._map[0] == (name, rows) else self._memmap(name, rows)
+        return chunks, self._decode_rows(records, ids)
+
+    def _chunk_records(self, db: sqlite3.Connection, ids: Iterable[int]) -> list[ChunkRecord]:
+        ids = [int(i) for i in ids]
+        found = {}
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            part = ids[start:start + 500]
+            q = (f"SELECT c.id, s.path, c.title, c.text, c.offset, c.idx, c.doc FROM chunks c "
+                 f"JOIN sources s ON s.id = c.source_id WHERE c.id IN ({','.join('?' * len(part))})")
+            for r in db.execute(q, part):
+                found[int(r[0])] = ChunkRecord(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
+                                               int(r[5]), int(r[6]))
         missing = [i for i in ids if i not in found]
         if missing:
             raise ClaraError(f"store {self.path} has no chunk {missing[0]}")
         return [found[i] for i in ids]
 
-    def memories(self, ids: Sequence[int]) -> torch.Tensor:
-        """Dequantised memories [len(ids), n_mem, hidden] fp32, for the generator."""
-        records, _ = self.snapshot()
+    def _decode_rows(self, records: np.ndarray, ids: Sequence[int]) -> torch.Tensor:
         idx = np.asarray(ids, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(records)):
             raise ClaraError(f"store {self.path} has no row {int(idx.max())}")
@@ -647,6 +664,10 @@ def _guarded(path: Path, what: str) -> Iterator[None]:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _state_key(vector_file: str, rows: int, version: int) -> str:
+    return f"{Path(vector_file).stem}-{rows}-{version}"
 
 
 def _int_array(cursor: sqlite3.Cursor) -> np.ndarray:

@@ -234,6 +234,40 @@ def test_runtime_says_when_the_question_alone_fills_the_context(model, tmp_path)
         runtime.ask("Which river? " * 200, top_k=None, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("retriever", ["clara+bm25", "clara"])
+def test_a_compaction_between_search_and_reading_is_searched_again(model, tmp_path, monkeypatch, retriever):
+    """Another process's forget compacts the store (renumbering ids) after a question's search: the answer must
+    read the documents the new search finds, not whatever the old ids point at now."""
+    from clara_edge import runtime as runtime_module
+    from clara_edge.indexing import forget_paths
+    from clara_edge.runtime import Runtime
+
+    corpus = make_corpus(tmp_path / "c", n_txt=8, n_rows=0)
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512, retriever=retriever)
+    searched = []
+    search_fn = "fused_search" if retriever == "clara+bm25" else "search"
+    original = getattr(runtime_module, search_fn)
+
+    def search_then_compact(*args):
+        found = original(*args)
+        if not searched:  # the first search: then half the files go, enough dead rows to compact
+            forget_paths(tmp_path / "s", sorted((corpus / "part0").glob("*.txt")))
+        searched.append(found[1][0].tolist())
+        return found
+
+    monkeypatch.setattr(runtime_module, search_fn, search_then_compact)
+    answer = runtime.ask("Which river?", top_k=3, max_new_tokens=2)
+    assert len(searched) == 2 and searched[0] != searched[1]
+    assert [s["id"] for s in answer.sources] == searched[1]
+    with MemoryStore.open(tmp_path / "s") as store:
+        assert [c.source for c in store.chunks(searched[1])] == [s["source"] for s in answer.sources]
+        assert "part0" not in "".join(s["source"] for s in answer.sources)
+    monkeypatch.setattr(runtime.store, "fetch", lambda ids, state: None)
+    with pytest.raises(ClaraError, match="kept changing while answering"):
+        runtime.ask("Which river?", top_k=3, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("sampling,needle", [({"temperature": 0.0}, "--temperature must be above 0"),
                                               ({"temperature": -1.0}, "--temperature must be above 0"),
                                               ({"top_p": 0.0}, "--top-p must be above 0"),
