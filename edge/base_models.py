@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import replace_dir, staging_dir
 from .errors import ClaraError
 
 
@@ -157,14 +158,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out_dir)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / CONVERSION_MARKER).write_text(json.dumps({"revision": CONVERSION_REVISION}) + "\n")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def fetch_builtin(name: str = DEFAULT_BASE) -> Path:

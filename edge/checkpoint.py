@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import replace_dir, staging_dir
 from .base_models import DEFAULT_BASE, resolve_base
 from .devices import keep_cudnn_out_of_sdpa, resolve_device, resolve_dtype
 from .errors import ClaraError
@@ -87,9 +87,7 @@ def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype =
                     overrides: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapters + special embeddings + config atomically (a crash leaves the old checkpoint intact)."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     tensors = {f"{role}.{key}": t.detach().to("cpu", dtype).contiguous()
                for role in ROLES for key, t in _peft_state(model, role).items()}
     save_file(tensors, tmp / ADAPTERS_FILE)
@@ -106,10 +104,7 @@ def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype =
             "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(),
             "roles": list(ROLES), "dtype": str(dtype).removeprefix("torch."), "eos_ids": model.eos_ids()}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def is_checkpoint(path: Path) -> bool:

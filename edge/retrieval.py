@@ -31,7 +31,8 @@ import torch
 
 from .bm25 import BM25Index
 from .errors import ClaraError
-from .store import MemoryStore, decode, fsync_dir
+from .atomic import fsync_dir
+from .store import MemoryStore, decode
 
 BLOCK_VALUES = 1 << 22  # fp32 values per scoring block (16 MiB): large enough for a fast matmul, cache-sized
 _FAISS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (state key, index, row ids)

@@ -37,6 +37,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from .corpus import Chunk
+from .atomic import fsync_dir
 from .errors import ClaraError
 
 FORMAT_VERSION = 1
@@ -672,12 +673,3 @@ def _state_key(vector_file: str, rows: int, version: int) -> str:
 
 def _int_array(cursor: sqlite3.Cursor) -> np.ndarray:
     return np.fromiter((r[0] for r in cursor), dtype=np.int64)
-
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

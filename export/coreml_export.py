@@ -31,7 +31,7 @@ from clara_edge.coreml_backend import MASK_MIN, causal_mask
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
 
-from .onnx_export import _export_view, base_manifest, finish_export, staging_dir, write_common
+from .onnx_export import _export_view, base_manifest, export_staging_dir, finish_export, write_common
 from .quantize import BLOCK_SIZE, QUANTS
 
 PACKAGE = "clara.mlpackage"
@@ -239,7 +239,7 @@ def export_coreml(model: ClaraModel, out_dir: str | Path, quant: str = "int4", m
         raise ClaraError(reason)
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
-    tmp = staging_dir(out_dir)
+    tmp = export_staging_dir(out_dir)
     try:
         models = {role: quantize_mlmodel(m, quant, palettize)
                   for role, m in convert_roles(model, quant, max_context).items()}

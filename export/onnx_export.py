@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clara_edge.atomic import replace_dir, staging_dir
 from clara_edge.backend import EXPORT_MANIFEST, EXPORTER_REVISION
 from clara_edge.errors import ClaraError
 from clara_edge.model import ROLES, ClaraModel
@@ -338,11 +338,7 @@ def finish_export(out: Path, final: str | Path, manifest: dict) -> Path:
     manifest["files"] = files
     manifest["size_mb"] = round(sum(files.values()) / 2**20, 2)
     (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    final = Path(final).expanduser()
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(out, final)
-    return final
+    return replace_dir(out, Path(final).expanduser())
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -353,12 +349,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def staging_dir(out_dir: str | Path) -> Path:
-    out = check_out_dir(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def export_staging_dir(out_dir: str | Path) -> Path:
+    return staging_dir(check_out_dir(out_dir))
 
 
 def calibration_embeds(tokenizer, table: np.ndarray) -> np.ndarray:
@@ -388,7 +380,7 @@ def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: i
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
     level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    tmp = staging_dir(out_dir)
+    tmp = export_staging_dir(out_dir)
     try:
         for role in ROLES:
             protos[role] = quantize_graph(protos[role], quant, level, manifest["config"]["lora_r"],

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clara_edge.atomic import replace_dir, staging_dir
 from clara_edge.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, build_model, default_checkpoint, is_checkpoint,
                                   load_checkpoint, read_checkpoint_config, save_checkpoint)
 from clara_edge.devices import resolve_device
@@ -470,14 +471,11 @@ class Run:
         from safetensors.torch import save_file
         if not self.main:
             return
-        tmp = state.with_name(state.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = staging_dir(state)
         save_file(self.trained_state(model), tmp / "trained.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "recipe_sha": recipe_digest(self.recipe)}) + "\n")
-        shutil.rmtree(state, ignore_errors=True)
-        os.replace(tmp, state)
+        replace_dir(tmp, state)
 
     def batch_indices(self, n: int, global_batch: int, step: int, index: int) -> list[int]:
         """This process's share of optimizer step `step`'s global batch: epoch-wise seeded permutations."""
