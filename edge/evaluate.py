@@ -88,11 +88,14 @@ class MemoryCache:
         self.ensure(texts)
         return torch.stack([self.memories[t] for t in texts])
 
-    def unit_matrix(self, docs: Sequence) -> torch.Tensor:
-        """Unit rows [n, n_mem*H] of a candidate set's memories as retrieval compares them, cached per set object."""
-        hit = self._matrices.get(id(docs))
+    def unit_matrix(self, cands: Candidates) -> torch.Tensor:
+        """Unit rows [n, n_mem*H] of a candidate set's memories as retrieval compares them; a pool that questions
+        share is kept (per object), a row's own documents are not: no other row asks for them again."""
+        hit = self._matrices.get(id(cands.docs))
         if hit is None:
-            hit = self._matrices[id(docs)] = (docs, flatten_normalize(self.stack(docs), self.model.retrieval_centre))
+            hit = (cands.docs, flatten_normalize(self.stack(cands.docs), self.model.retrieval_centre))
+            if cands.shared:
+                self._matrices[id(cands.docs)] = hit
         return hit[1]
 
 
@@ -127,7 +130,7 @@ def _rankings(model, retriever: str, questions: list[str], cands: list[Candidate
     queries = flatten_normalize(model.encode_query(questions), model.retrieval_centre)
     out = []
     for question, q, c in zip(questions, queries, cands):
-        scores = cache.unit_matrix(c.docs) @ q
+        scores = cache.unit_matrix(c) @ q
         ranking = torch.argsort(scores, descending=True, stable=True)[:max(depth, FUSION_DEPTH)].tolist()
         if retriever == "clara+bm25":
             lexical = bm25.get(c.docs).matches(question, FUSION_DEPTH)

@@ -213,3 +213,17 @@ def test_cli_eval_writes_per_question_rows_on_request(tiny_base_dir, tmp_path, c
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["id"] for r in rows] == ["0", "1"] and all(len(r["retrieved"]) == 3 for r in rows)
     assert '"rows"' not in capsys.readouterr().out  # the printed summary stays short
+
+
+def test_only_shared_pools_keep_their_retrieval_matrix(model):
+    """A row's own documents are asked for once: keeping their matrix too grew memory with the eval file."""
+    from clara_edge.datasets import Candidates
+    from clara_edge.evaluate import MemoryCache
+
+    cache = MemoryCache(model, batch_size=4, progress=False)
+    own = Candidates((("a", "The river runs north."), ("b", "The hill is green.")), (0,))
+    pool = Candidates(own.docs + (("c", "A third document."),), (1,), shared=True)
+    first = cache.unit_matrix(own)
+    assert first.shape[0] == 2 and not cache._matrices
+    assert torch.allclose(first.norm(dim=1), torch.ones(2))
+    assert cache.unit_matrix(pool) is cache.unit_matrix(pool) and len(cache._matrices) == 1
