@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -28,8 +29,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+
+from clara_edge.errors import ClaraError
+from clara_edge.reports import report_path
 
 MODELS = {"smollm2-135m": dict(hq=9, hkv=3, d=64), "mistral-7b": dict(hq=32, hkv=8, d=128)}
 DECODE_SHAPES = [(1, 128), (1, 2048), (16, 512), (128, 512), (128, 4096)]
@@ -459,8 +464,10 @@ def run(args: argparse.Namespace, bench: Bench) -> tuple[dict, list[Row]]:
     def checkpoint() -> None:
         """Rewrite the JSON after every shape, so a run cut short still leaves its rows."""
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report(), f, indent=1)
+            partial = Path(f"{args.json}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(report(), indent=1))
+            os.replace(partial, args.json)  # a kill mid-write leaves the previous checkpoint, not half a file
 
     # Decode (the issue's targets) for both models first, then prefill; a run short of time skips whole shapes.
     work = [("decode", model, shape) for model in args.models for shape in decode_shapes
@@ -484,6 +491,11 @@ def run(args: argparse.Namespace, bench: Bench) -> tuple[dict, list[Row]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        report_path(args.json, "kernel benchmark")  # before the run, not at its first checkpoint
+    except ClaraError as e:
+        print(f"python -m clara_edge.bench.kernels: error: {e}", file=sys.stderr)
+        return 1
     if not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE, file=sys.stderr)
         return 2

@@ -299,7 +299,8 @@ def render_markdown(report: dict) -> str:
 # ------------------------------------------------------------------------------------------ the run
 def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir: Path | None,
                  log: Callable[[str], None], first: int = 0) -> list[dict]:
-    """llama.cpp rows for questions[first:first + reps + 1] of the latency set (the first one warms up)."""
+    """llama.cpp rows for reps + 1 questions of the latency set from `first` on, cycling as the latency workers
+    do (the first one warms up)."""
     from clara_edge.base_models import DEFAULT_BASE
 
     from .anchor import anchor_row, llama_cpp_version
@@ -312,13 +313,14 @@ def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir
     questions, docs = load_documents(latency_source(data_dir))
     n_ctx = primary.max_positions
     prompts, notes = {}, {}
+    asked = [questions[(first + i) % len(questions)] for i in range(reps + 1)]
     for k in ANCHOR_KS:
-        ids = [primary.text_prompt_ids(q, docs[:k]) for q in questions[first:first + reps + 1]]
+        ids = [primary.text_prompt_ids(q, docs[:k]) for q in asked]
         if max(len(i) for i in ids) + max_new_tokens > n_ctx:
             notes[k] = f"exceeds context ({max(len(i) for i in ids)} positions > {n_ctx})"
         else:
             prompts[k] = ids
-    log(f"anchor: llama.cpp, questions {first + 1}-{first + reps + 1}")
+    log(f"anchor: llama.cpp, {reps + 1} questions from question {first % len(questions) + 1} of {len(questions)}")
     return run_anchor_subprocess(prompts, notes, n_ctx=n_ctx, threads=threads, reps=reps,
                                  max_new_tokens=max_new_tokens)
 

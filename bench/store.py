@@ -18,11 +18,11 @@ Timings depend on the machine and its load: the JSON records both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from clara_edge.corpus import Chunk
+from clara_edge.errors import ClaraError
+from clara_edge.reports import report_path, write_report
 from clara_edge.retrieval import fused_search, save_text_index, search
 from clara_edge.store import DTYPES, MemoryStore, StoreSpec, record_dtype
 
@@ -65,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="where to build the stores (default: a temporary directory)")
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads (default: torch's)")
     args = p.parse_args(argv)
-    if args.reps < 1 or min(args.sizes) < 1:
-        p.error("--reps and --sizes must be positive")
+    if min(args.reps, *args.sizes, *args.n_mem, args.k) < 1:
+        p.error("--reps, --sizes, --n-mem and --k must be positive")
     return args
 
 
@@ -160,18 +162,30 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def index_demo(model_spec: str) -> dict:
-    from clara_edge.backend import open_backend
+def index_demo(backend, model_spec: str) -> dict:
     from clara_edge.indexing import index_paths
 
     corpus = resources.files("clara_edge") / "demo_corpus"
     with tempfile.TemporaryDirectory() as tmp:
-        report = index_paths(open_backend(model_spec), [Path(str(corpus))], Path(tmp) / "s", progress=False)
+        report = index_paths(backend, [Path(str(corpus))], Path(tmp) / "s", progress=False)
     return {"model": model_spec, **report.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except ClaraError as e:  # bad input: one line, not a traceback
+        print(f"python -m clara_edge.bench.store: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    report_path(args.json, "store benchmark")  # before minutes of timing, not after
+    backend = None
+    if args.model:
+        from clara_edge.backend import open_backend
+        backend = open_backend(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
         if args.faiss:
@@ -189,16 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     sqlite_per_doc = statistics.mean(b["sqlite_bytes_per_doc"] for b in out["bytes"].values())
     out["bytes_per_doc"] = byte_table(sqlite_per_doc)
     out["machine"]["loadavg_end"] = os.getloadavg()
-    if args.model:
-        out["index"] = index_demo(args.model)
+    if backend is not None:
+        out["index"] = index_demo(backend, args.model)
         print(f"\nindex: {out['index']['chunks_added']} chunks at {out['index']['docs_per_s']:.1f} docs/s")
     print(f"\nbytes per document (vector record + {sqlite_per_doc:.0f} B of SQLite for a ~1 KB chunk text):")
     print("| compression | n_mem | " + " | ".join(DTYPES) + " |\n|---:|---:|" + "---:|" * len(DTYPES))
     for rate in RATES:
         cells = [str(b["total_bytes"]) for b in out["bytes_per_doc"] if b["compression"] == rate]
         print(f"| {rate} | {DOC_MAX_LENGTH // rate} | " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_report(out, args.json, "store benchmark")
     return 0
 
 

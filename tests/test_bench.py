@@ -144,6 +144,21 @@ def test_anchor_with_a_stand_in_llama_cpp(monkeypatch, tmp_path):
     assert anchor.run_anchor({}, n_ctx=1, threads=1, reps=1, max_new_tokens=1)[0]["note"] == anchor.NOT_INSTALLED
 
 
+def test_the_anchor_cycles_the_latency_questions_like_the_workers(monkeypatch):
+    """--reps 20 asked for questions 11-21 of a 10-question latency set: none, and max() of nothing crashed the run."""
+    from clara_edge.base_models import DEFAULT_BASE
+    from clara_edge.bench import report
+
+    asked = {}
+    monkeypatch.setattr(anchor, "llama_cpp_version", lambda: "0.0-test")
+    monkeypatch.setattr(report, "load_documents", lambda source: ([f"q{i}?" for i in range(10)], ["d"] * 100))
+    monkeypatch.setattr(report, "run_anchor_subprocess", lambda prompts, notes, **kw: asked.update(prompts) or [])
+    primary = types.SimpleNamespace(config=types.SimpleNamespace(base_model=DEFAULT_BASE), max_positions=8192,
+                                    text_prompt_ids=lambda q, docs: [int(q[1:-1])] * 3)
+    report._anchor_rows(primary, 16, reps=10, threads=1, data_dir=None, log=lambda line: None, first=10)
+    assert asked and all([ids[0] for ids in prompts] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0] for prompts in asked.values())
+
+
 def test_bracketed_anchor_pools_both_runs():
     """Before and after the latency workers: per k, mean ± std over both runs' questions, each run's rate in the
     note; note rows pass through, and a k the second run lacks says so."""
@@ -260,3 +275,17 @@ def test_store_bench_times_exact_and_fused_search(tmp_path, capsys):
         [(n, m, q) for n in (40, 80) for m, q in (("exact", 1), ("exact", 8), ("clara+bm25", 1))]
     assert all(r["first_call_ms"] > 0 and r["first_call_saved_ms"] > 0 for r in rows if r["method"] == "clara+bm25")
     assert "| clara+bm25 | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [(["--model", "/nonexistent/model"], "/nonexistent/model"),
+                                         (["--json", "{tmp}"], "it is a directory")])
+def test_store_bench_refuses_bad_input_before_timing(tmp_path, capsys, monkeypatch, argv, needle):
+    from clara_edge.bench import store as store_bench
+
+    monkeypatch.setattr(store_bench, "bench_config", lambda *a: pytest.fail("timed before checking its input"))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert store_bench.main(["--sizes", "40", "--reps", "1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        store_bench.main(["--n-mem", "0"])

@@ -25,6 +25,12 @@ def test_without_cuda_prints_one_line_and_exits_2():
     assert lines == [bench.NO_CUDA_MESSAGE]
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
+    assert bench.main(["--quick", "--json", str(tmp_path)]) == 1  # a directory: checked before CUDA, too
+    err = capsys.readouterr().err.strip()
+    assert "it is a directory" in err and len(err.splitlines()) == 1
+
+
 def test_default_shapes_are_the_issue_list():
     assert bench.DECODE_SHAPES == [(1, 128), (1, 2048), (16, 512), (128, 512), (128, 4096)]
     assert bench.PREFILL_POSITIONS == [512, 4096]
