@@ -27,7 +27,8 @@ in ~/.cache/clara-edge/bench-exports by model fingerprint; --quick uses only cac
 backend is named with --backend), coreml
 (macOS), cuda and cuda-triton (CLARA_EDGE_ATTENTION=sdpa / triton); `onnx` names the three ORT rows.
 Default: torch and onnx-int4 for --quick, all of them otherwise (unavailable ones become note rows).
-Threads: torch's default (OMP_NUM_THREADS decides); workers, ORT and llama.cpp get the same count.
+Threads: `--threads`, else $CLARA_EDGE_THREADS, else all cores but one (`clara-edge bench`; `python -m clara_edge.bench`
+without --threads leaves torch's default, which OMP_NUM_THREADS sets); workers, ORT and llama.cpp get the same count.
 On a shared machine OMP_NUM_THREADS=1 gives far steadier numbers than oversubscribed cores.
 """
 from __future__ import annotations
