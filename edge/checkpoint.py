@@ -9,6 +9,7 @@ Our format (a directory):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import replace_dir, staging_dir
-from .base_models import DEFAULT_BASE, resolve_base
+from .base_models import DEFAULT_BASE, cache_root, resolve_base
 from .devices import keep_cudnn_out_of_sdpa, resolve_device, resolve_dtype
 from .errors import ClaraError
 from .model import ROLES, ClaraConfig, ClaraModel, weights_fingerprint
@@ -30,6 +31,9 @@ ADAPTERS_FILE = "adapters.safetensors"
 EMBEDDINGS_FILE = "special_embeddings.safetensors"
 CENTRE_KEY = "retrieval_centre"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped, trained defaults
+
+DEFAULT_COMPRESSION = 16
+log = logging.getLogger("clara_edge")
 
 
 def build_model(config: ClaraConfig, device: str | None = None, dtype: str | None = None,
@@ -43,8 +47,10 @@ def build_model(config: ClaraConfig, device: str | None = None, dtype: str | Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise ClaraError(f"cannot load base model from {folder}: {str(e).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ClaraError(f"cannot load base model from {folder}: {str(e).splitlines()[0][:200]}"
+                         + (" (a damaged cache: delete the folder, then `clara-edge models fetch`)"
+                            if folder.resolve().is_relative_to(cache_root().resolve()) else "")) from None
     model = ClaraModel(lm.eval(), tokenizer, config, seed=seed).to(dev).eval()
     _configure_attention(model)
     return model
@@ -278,14 +284,17 @@ def load_model(spec: str | None = None, compression: int | None = None, device: 
     model on the default base; a clara-edge checkpoint directory; a CLaRa `compression-N/` folder (needs
     `base`); a base model (built-in name, HF folder, .gguf) -> untrained adapters at `compression`.
     """
+    if compression is not None and compression < 1:  # 0 used to fall back to 16 unnoticed
+        raise ClaraError(f"compression must be a positive rate, got {compression}")
+    rate = DEFAULT_COMPRESSION if compression is None else compression
     if spec in (None, "", "default"):
-        shipped = default_checkpoint(compression or 16)
+        shipped = default_checkpoint(rate)
         if is_checkpoint(shipped):
             return load_checkpoint(shipped, device, dtype, base)
-        warnings.warn(f"no trained default for compression {compression or 16}; using untrained adapters",
-                      stacklevel=2)
-        return build_model(ClaraConfig(base_model=base or DEFAULT_BASE, compression_rate=compression or 16),
-                           device, dtype)
+        shipped_rates = sorted(int(p.name.rsplit("-cr", 1)[1]) for p in WEIGHTS_DIR.glob(f"{DEFAULT_BASE}-cr*"))
+        log.warning("no trained weights ship for compression %d (they do for %s): its adapters are untrained and "
+                    "it answers as the base model would", rate, ", ".join(map(str, shipped_rates)))
+        return build_model(ClaraConfig(base_model=base or DEFAULT_BASE, compression_rate=rate), device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir() and is_checkpoint(path):
         model = load_checkpoint(path, device, dtype, base)
@@ -294,8 +303,8 @@ def load_model(spec: str | None = None, compression: int | None = None, device: 
             raise ClaraError(f"{path} is a CLaRa checkpoint: name its base model folder with --base")
         model = import_clara(path, base, device, dtype)
     else:
-        return build_model(ClaraConfig(base_model=spec, compression_rate=compression or 16), device, dtype)
-    if compression and compression != model.config.compression_rate:
+        return build_model(ClaraConfig(base_model=spec, compression_rate=rate), device, dtype)
+    if compression is not None and compression != model.config.compression_rate:
         raise ClaraError(f"model {spec} is trained for compression {model.config.compression_rate}, "
                          f"not {compression}")
     return model

@@ -1,6 +1,7 @@
 """Quiet library output for command-line and benchmark processes."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -11,6 +12,7 @@ def quiet_libraries() -> None:
         return
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # (optional) bitsandbytes: CPU-kernel fallbacks
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()

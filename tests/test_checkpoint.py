@@ -92,6 +92,30 @@ def test_load_model_rejects_wrong_compression(tmp_path):
         load_model(str(out), compression=64)
 
 
+def test_a_rate_without_shipped_weights_says_so_and_zero_is_refused(tmp_path, caplog):
+    base = str(_base(tmp_path))
+    with caplog.at_level("WARNING", logger="clara_edge"):
+        model = load_model(None, compression=8, base=base)
+    assert model.config.compression_rate == 8
+    assert "no trained weights ship for compression 8 (they do for 16, 64)" in caplog.text
+    for rate in (0, -4):  # 0 used to become 16 silently
+        with pytest.raises(ClaraError, match=f"compression must be a positive rate, got {rate}"):
+            load_model(None, compression=rate, base=base)
+    out = save_checkpoint(_model(base, rate=64), tmp_path / "ck64")
+    assert load_model(str(out)).config.compression_rate == 64  # no --compression: the checkpoint's own rate
+
+
+def test_a_damaged_cached_base_model_says_how_to_recover(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLARA_EDGE_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "models" / "tiny"
+    tiny_causal_lm("llama").save_pretrained(cached)
+    tiny_tokenizer().save_pretrained(cached)
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ClaraError, match=r"cannot load base model .*\(a damaged cache: delete the folder"):
+        load_model(str(cached))
+
+
 def test_checkpoint_on_another_base_is_a_clear_error(tmp_path):
     out = save_checkpoint(_model(_base(tmp_path)), tmp_path / "ck")
     other = tmp_path / "other"
