@@ -82,28 +82,58 @@ class SourceFile:
 
 
 # ------------------------------------------------------------------------------------------ files
+def source_path(path: str | Path) -> Path:
+    """The absolute path a file is indexed under: its folder resolved, its own name kept. Why not resolve the name
+    too: a symlinked note must be known by its link, which is what goes when the user deletes the note."""
+    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    return absolute.parent.resolve() / absolute.name
+
+
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders into the supported files, in argument order then sorted folder order."""
+    """Expand files and folders into the supported files (as `source_path` names them), in argument order then
+    sorted folder order. Links to nothing and special files (pipes, devices) in a folder are skipped with a
+    warning; given by name, or an unreadable folder, they are an error."""
     out: dict[Path, None] = {}
     for given in paths:
+        if not str(given).strip():  # an unset shell variable: "" would mean the current folder
+            raise ClaraError("an empty path was given: name the files or folders")
         path = Path(given).expanduser()
         if path.is_dir():
             found = []
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in os.walk(path, onerror=_unreadable):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
-                found += [Path(root, n) for n in files if not n.startswith(".") and Path(n).suffix.lower() in SUFFIXES]
+                for name in files:
+                    file = Path(root, name)
+                    if name.startswith(".") or file.suffix.lower() not in SUFFIXES:
+                        continue
+                    if file.is_file():
+                        found.append(file)
+                    else:
+                        log.warning("skipped %s: %s", file, _not_a_file(file))
             for file in sorted(found, key=lambda p: p.parts):  # sorted by path: a/b.txt < a/c/d.txt < a/e.txt
-                out.setdefault(file.resolve())
+                out.setdefault(source_path(file))
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
                 raise ClaraError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                                  f"index {', '.join(SUFFIXES)} files or folders")
-            out.setdefault(path.resolve())
+            out.setdefault(source_path(path))
+        elif path.exists() or path.is_symlink():
+            raise ClaraError(f"cannot index {path}: {_not_a_file(path)}")
         else:
             raise ClaraError(f"no such file or folder: {path}")
     if not out:
         raise ClaraError(f"no {', '.join(SUFFIXES)} files in {' '.join(map(str, paths))}")
     return list(out)
+
+
+def _unreadable(error: OSError) -> None:
+    raise ClaraError(f"cannot read folder {error.filename}: {error.strerror or error}")
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return "not a regular file (a pipe, socket or device)"
 
 
 def read_source(path: Path) -> SourceFile:
@@ -151,7 +181,9 @@ def _title_and_body(path: Path, text: str) -> tuple[str, str]:
         heading = _HEADING.search(text)
         if heading:
             if not text[:heading.start()].strip():
-                return heading.group(1), text[heading.end():].lstrip("\r\n")
+                body = text[heading.end():].lstrip("\r\n")
+                # a note that is only a heading is its own text
+                return (heading.group(1), body) if body.strip() else (path.stem, heading.group(1))
             return heading.group(1), text
     return path.stem, text
 

@@ -112,7 +112,8 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
 
 def forget_paths(store_dir: str | Path, paths: Iterable[str | Path]) -> int:
     """Remove sources (files, or every source below a folder) from a store; returns how many chunks went."""
-    if not Path(store_dir).is_dir():
+    store_dir = Path(store_dir).expanduser()
+    if not store_dir.is_dir():
         raise ClaraError(f"no memory store at {store_dir}")
     with MemoryStore.open(store_dir, write=True) as store:
         removed = store.delete_source(*paths)
@@ -134,10 +135,17 @@ def _remove_gone(store: MemoryStore, paths: Iterable[str | Path], files: list[Pa
     listed = {str(f) for f in files}
     gone = list(dict.fromkeys(name for given in paths if Path(given).expanduser().is_dir()
                               for name in store.sources_under(str(Path(given).expanduser().resolve()))
-                              if name not in listed and not Path(name).exists()))
+                              if name not in listed and _deleted(name)))
     if gone:
         store.delete_source(*gone)
     return len(gone)
+
+
+def _deleted(name: str) -> bool:
+    try:
+        return not Path(name).exists()
+    except OSError:  # unreadable (a folder's permissions) is not deleted
+        return False
 
 
 def _pending(files: list[Path], store: MemoryStore, model, report: IndexReport

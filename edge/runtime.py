@@ -69,7 +69,8 @@ class Runtime:
     @classmethod
     def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT,
              retriever: str = RETRIEVERS[0]) -> Runtime:
-        if not Path(store_dir).is_dir():
+        store_dir = Path(store_dir).expanduser()  # `--store=~/notes`: no shell expands a ~ after "="
+        if not store_dir.is_dir():
             raise ClaraError(f"no memory store at {store_dir} (create one with `clara-edge index`)")
         return cls(backend, MemoryStore.open(store_dir), context, retriever)
 

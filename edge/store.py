@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from .corpus import Chunk
+from .corpus import Chunk, source_path
 from .atomic import fsync_dir
 from .errors import ClaraError
 
@@ -449,9 +449,13 @@ class MemoryStore:
         with self._write() as db:
             matched: dict[int, None] = {}  # paths may overlap (a folder and a file in it): each source goes once
             for path in paths:
+                if not str(path).strip():  # "" would match every source under "/"
+                    raise ClaraError("an empty path was given: name the files or folders to forget")
                 ids: list[int] = []
-                # As given (an API source name), else as index_paths records it: the resolved path.
-                for key in dict.fromkeys([str(path), str(Path(path).expanduser().resolve())]):
+                # As given (an API source name), else as index_paths records a file (`source_path`: a link by its
+                # own name), else fully resolved (a folder reached through a link).
+                given = Path(path).expanduser()
+                for key in dict.fromkeys([str(path), str(source_path(given)), str(given.resolve())]):
                     prefix = key.rstrip("/") + "/"
                     ids = ids or [r[0] for r in db.execute(f"SELECT id FROM sources WHERE path = ? OR {_UNDER}",
                                                            (key, prefix, prefix))]

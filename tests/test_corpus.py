@@ -133,6 +133,38 @@ def test_missing_and_unsupported_paths(tmp_path):
         list_files([tmp_path / "sub"])
 
 
+def test_pipes_and_dangling_links_are_skipped_in_a_folder_and_refused_by_name(tmp_path, caplog, monkeypatch):
+    """A named pipe hung `index` forever; a link to nothing aborted the run naming its target."""
+    import os
+
+    from clara_edge import corpus as corpus_module
+
+    good = write(tmp_path / "notes" / "a.txt", "Kept.")
+    os.mkfifo(tmp_path / "notes" / "pipe.txt")
+    (tmp_path / "notes" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with caplog.at_level("WARNING", logger="clara_edge"):
+        assert list_files([tmp_path / "notes"]) == [good.resolve()]
+    assert "pipe.txt: not a regular file" in caplog.text and "gone.txt: a link to" in caplog.text
+    with pytest.raises(ClaraError, match=r"cannot index .*pipe.txt: not a regular file"):
+        list_files([tmp_path / "notes" / "pipe.txt"])
+    with pytest.raises(ClaraError, match=r"cannot index .*gone.txt: a link to .*nowhere.txt, which does not exist"):
+        list_files([tmp_path / "notes" / "gone.txt"])
+    with pytest.raises(ClaraError, match="an empty path was given"):
+        list_files([""])
+
+    def unreadable_walk(top, onerror=None):  # what os.walk meets in a folder without read permission
+        onerror(PermissionError(13, "Permission denied", str(top) + "/private"))
+        yield from ()
+    monkeypatch.setattr(corpus_module.os, "walk", unreadable_walk)
+    with pytest.raises(ClaraError, match=r"cannot read folder .*notes/private: Permission denied"):
+        list_files([tmp_path / "notes"])
+
+
+def test_a_note_that_is_only_a_heading_is_its_own_text(tmp_path):
+    (doc,) = load_documents([write(tmp_path / "fact.md", "# Alice was born in Lyon in 1921\n")])
+    assert (doc.title, doc.text) == ("fact", "Alice was born in Lyon in 1921")
+
+
 def test_same_file_twice_is_listed_once(tmp_path):
     path = write(tmp_path / "a.txt", "x")
     assert list_files([path, tmp_path, tmp_path / "." / "a.txt"]) == [path.resolve()]

@@ -18,7 +18,7 @@ import torch
 
 from clara_edge.datasets import document_text
 from clara_edge.errors import ClaraError
-from clara_edge.indexing import index_paths
+from clara_edge.indexing import forget_paths, index_paths
 from clara_edge.retrieval import search
 from clara_edge.store import MemoryStore
 from tiny import tiny_clara
@@ -170,6 +170,39 @@ def test_reindexing_a_folder_removes_deleted_files_and_forget_removes_on_request
     assert main(["forget", str(corpus / "part1"), str(corpus / "nope.txt"), "--store", str(tmp_path / "s")]) == 1
     assert "holds no source" in capsys.readouterr().err
     assert set(per_source(contents(tmp_path / "s"))) == after  # nothing removed
+
+
+def test_a_symlinked_note_is_known_by_its_link(model, tmp_path, capsys, monkeypatch):
+    """Deleting the link is deleting the note: a re-index drops it and forget takes the link's path (the store
+    used to record the target, outside the folder, which no re-index saw go)."""
+    from clara_edge.cli import main
+    corpus, elsewhere = make_corpus(tmp_path / "c", n_txt=2, n_rows=0), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vault.txt").write_text("The vault password is swordfish.")
+    (elsewhere / "keys.txt").write_text("The keys hang by the door.")
+    (corpus / "vault.txt").symlink_to(elsewhere / "vault.txt")
+    (corpus / "keys.txt").symlink_to(elsewhere / "keys.txt")
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert {str(corpus / "vault.txt"), str(corpus / "keys.txt")} <= set(per_source(contents(tmp_path / "s")))
+    (corpus / "vault.txt").unlink()
+    assert index_paths(model, [corpus], tmp_path / "s", progress=False).sources_removed == 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["forget", "c/keys.txt", "--store", "s"]) == 0
+    assert not {s for s in per_source(contents(tmp_path / "s")) if s.endswith(("vault.txt", "keys.txt"))}
+    capsys.readouterr()
+    assert main(["forget", "", "--store", "s"]) == 1  # an unset variable must not mean "everything here"
+    assert "an empty path was given" in capsys.readouterr().err
+    with pytest.raises(ClaraError, match="an empty path was given"):
+        index_paths(model, [""], tmp_path / "s", progress=False)
+    assert per_source(contents(tmp_path / "s"))
+
+
+def test_a_store_named_with_a_tilde_after_an_equals_sign(model, tmp_path, monkeypatch):
+    from clara_edge.runtime import Runtime
+    monkeypatch.setenv("HOME", str(tmp_path))
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], "~/s", progress=False)
+    assert Runtime.open(model, "~/s", context=512).store.path == tmp_path / "s"
+    assert forget_paths("~/s", [tmp_path / "c" / "part0"]) > 0
 
 
 def test_runtime_prefills_the_shared_prompt_head_once(model, tmp_path):
