@@ -41,6 +41,19 @@ def _tokens(texts: Sequence[str], return_ids: bool = False):
     return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=return_ids, show_progress=False)
 
 
+def _consistent(retriever: bm25s.BM25, size: int) -> bool:
+    """Whether bm25s' term-by-document matrix (CSC: data, indices, indptr) and vocabulary agree with each other
+    and with `size` documents: one read of the arrays, once per store state."""
+    m = retriever.scores
+    data, indices, indptr = m["data"], m["indices"], m["indptr"]
+    terms = len(indptr) - 1
+    return (m["num_docs"] == size and indptr.ndim == indices.ndim == data.ndim == 1 and terms >= 0
+            and len(data) == len(indices) == int(indptr[-1]) and int(indptr[0]) == 0
+            and bool(np.all(np.diff(indptr) >= 0))
+            and (not len(indices) or (int(indices.min()) >= 0 and int(indices.max()) < size))
+            and all(0 <= i <= terms for i in retriever.vocab_dict.values()))
+
+
 class BM25Index:
     """A BM25 index over one candidate set."""
 
@@ -67,12 +80,15 @@ class BM25Index:
 
     @classmethod
     def load(cls, folder: Path) -> BM25Index:
-        """An index `save` wrote, its arrays memory-mapped (OSError / ValueError / KeyError / EOFError if it is damaged)."""
+        """An index `save` wrote, its arrays memory-mapped and checked to fit together (a damaged one raises,
+        whatever the damage: bm25s would index past its arrays at the first question otherwise)."""
         index = cls.__new__(cls)
         index.size = int(json.loads((folder / "size.json").read_text())["size"])
         saved = folder / "bm25s"
         index._retriever = (bm25s.BM25.load(str(saved), mmap=True, show_progress=False) if saved.is_dir()
                             else None)
+        if index._retriever is not None and not _consistent(index._retriever, index.size):
+            raise ValueError(f"{saved}: arrays do not fit together")
         return index
 
     def scores(self, question: str) -> np.ndarray:

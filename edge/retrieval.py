@@ -177,7 +177,7 @@ def _load_text_index(folder: Path, size: int) -> BM25Index | None:
         return None
     try:
         index = BM25Index.load(folder)
-    except (OSError, ValueError, KeyError, EOFError):  # damaged: build it again rather than fail a question
+    except Exception:  # damaged, however: it is a cache, so build it again rather than fail a question
         return None
     return index if index.size == size else None
 

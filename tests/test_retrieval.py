@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import numpy as np
 import pytest
@@ -178,6 +179,12 @@ def test_fused_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
         fused_search(text_store, mem[[2, 3]], ["one question"], 3)
 
 
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def test_saved_text_index_is_mapped_by_a_new_reader_and_follows_the_state(text_store, monkeypatch):
     from clara_edge import bm25
     from clara_edge.retrieval import save_text_index
@@ -203,7 +210,11 @@ def test_saved_text_index_is_mapped_by_a_new_reader_and_follows_the_state(text_s
     expect = fused_search(text_store, mem, ["Where is the canyon?"], 11)
     for part in sorted(p for p in newer.rglob("*") if p.is_file()):
         intact = part.read_bytes()
-        for damaged in (b"", intact[: len(intact) // 2], b"{broken"):  # a reader builds the index instead of failing
+        # every way seen to break a file; a reader builds the index instead of failing
+        kinds = [b"", intact[: len(intact) // 2], b"{broken", b"{}", b"[]"]
+        if part.name.startswith(("indices", "indptr")):  # well-formed arrays pointing past the others
+            kinds.append(_npy(np.full(len(np.load(part)), 999_999, dtype=np.load(part).dtype)))
+        for damaged in kinds:
             part.write_bytes(damaged)
             with MemoryStore.open(text_store.path) as reader:
                 got = fused_search(reader, mem, ["Where is the canyon?"], 11)
