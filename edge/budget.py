@@ -46,14 +46,17 @@ def make_budget(context: int, model_max: int, overhead: int, n_mem: int, answer:
     return budget
 
 
-def check_top_k(budget: Budget, top_k: int | None) -> None:
-    """An explicit k is at least one and fits the budget (a clear error otherwise); `None` (auto) always passes."""
+def check_top_k(budget: Budget, top_k: int | None, available: int | None = None) -> None:
+    """An explicit k is at least one and its documents (no more than the `available` ones) fit the budget (a clear
+    error otherwise); `None` (auto) always passes."""
     if top_k is None:
         return
     if top_k < 1:
         raise ClaraError(f"top-k must be at least 1, got {top_k}")
-    if top_k > budget.max_docs:
-        raise ClaraError(f"top-k {top_k} needs {budget.positions(top_k) + budget.answer} positions; "
+    k = top_k if available is None else min(top_k, available)
+    if k > budget.max_docs:
+        every = f" (all {k} documents there are)" if k < top_k else ""
+        raise ClaraError(f"top-k {top_k}{every} needs {budget.positions(k) + budget.answer} positions; "
                          f"context {budget.context} fits {budget.max_docs} documents (use --top-k auto)")
 
 
@@ -64,7 +67,7 @@ def choose_k(budget: Budget, scores: list[float], top_k: int | None, min_score: 
     score is at least `min_score`, and never fewer than one.
     """
     if top_k is not None:
-        check_top_k(budget, top_k)
+        check_top_k(budget, top_k, len(scores))
         return min(top_k, len(scores))
     above = sum(1 for s in scores if s >= min_score)
     return min(max(above, 1), budget.max_docs, len(scores))

@@ -152,24 +152,38 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """A question per line. With --json, stdout holds one JSON object per answer and nothing else (the banner and
+    prompts go to stderr). Ctrl-C stops the answer being written and asks for the next question."""
+    from .runtime import format_answer_footer
     rt = _runtime(args)
-    print("clara-edge chat: ask a question, empty line or Ctrl-D to quit.")
+    prompts = sys.stderr if args.json else sys.stdout
+    print("clara-edge chat: ask a question, empty line or Ctrl-D to quit; Ctrl-C stops an answer.", file=prompts)
     while True:
+        print("> ", end="", flush=True, file=prompts)
         try:
-            question = input("> ").strip()
-        except EOFError:
-            break
-        if not question:
+            question = input()
+        except (EOFError, KeyboardInterrupt):
+            question = ""
+        if not question.strip():
+            print(file=prompts)  # the shell's prompt on a line of its own
             break
         try:
-            _print_answer(_ask_once(rt, question, args), args.json)
+            answer = _ask_once(rt, question.strip(), args)
         except ClaraError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=prompts)
+            continue
+        print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer_footer(answer),
+              flush=True)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    if args.questions < 1:  # before the model loads
+        raise ClaraError(f"--questions must be at least 1, got {args.questions}")
     return run_demo(_open(args), store_dir=Path(args.store) if args.store else None, limit=args.questions,
                     as_json=args.json)
 
@@ -367,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, nor anyone to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails quietly too
+        return 1
     except Exception as e:  # a bug: still one line, unless the user asks for the traceback
         if os.environ.get("CLARA_EDGE_DEBUG"):
             raise

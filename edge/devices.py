@@ -65,8 +65,10 @@ def configure_threads(threads: int | None = None) -> int:
     """
     import os
     if threads is None:
-        env = os.environ.get("CLARA_EDGE_THREADS")
-        threads = int(env) if env and env.isdigit() else max(1, (os.cpu_count() or 2) - 1)
+        env = os.environ.get("CLARA_EDGE_THREADS", "").strip()
+        if env and not env.isdigit():
+            raise ClaraError(f"CLARA_EDGE_THREADS must be a whole number of threads, got {env!r}")
+        threads = int(env) if env else max(1, (os.cpu_count() or 2) - 1)
     if threads < 1:
         raise ClaraError(f"threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """Asking: question -> query memory -> retrieval over the store -> context budget -> streamed answer."""
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -96,13 +97,16 @@ class Runtime:
                 raise ClaraError(f"--temperature must be above 0 when sampling, got {temperature}")
             if not 0 < top_p <= 1:
                 raise ClaraError(f"--top-p must be above 0 and at most 1, got {top_p}")
+        if not math.isfinite(min_score):
+            raise ClaraError(f"--min-score must be a number, got {min_score}")
         if min_score and self.retriever == "clara+bm25":
             raise ClaraError("--min-score is a cosine floor: use it with --retriever clara (clara+bm25 ranks by "
                              "fusion scores)")
         n_mem = self.backend.config.n_mem
         budget = make_budget(self.context, self.backend.max_positions, prompt_overhead(self.backend, question), n_mem,
                              max_new_tokens)
-        check_top_k(budget, top_k)
+        # a k past the store's size means all of it: only that many must fit
+        check_top_k(budget, top_k, int(self.store.snapshot()[1].sum()))
         start = time.perf_counter()
         query = self.backend.encode_query([question])
         encoded = time.perf_counter()

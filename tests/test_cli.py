@@ -103,3 +103,69 @@ def test_export_check_takes_the_reference_from_model(tiny_base_dir, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["token_agreement"] == 1.0
     assert main(["export", "--check", str(out), "--model", str(tiny_base_dir), "--compression", "16"]) == 1
     assert "fingerprints differ" in _one_line_error(capsys)
+
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    """(checkpoint, store) of a tiny model saved to disk, as a user's --model and --store."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from clara_edge.checkpoint import build_model, load_model, save_checkpoint
+    from clara_edge.indexing import index_paths
+    from clara_edge.model import ClaraConfig
+
+    base = tmp_path / "base"
+    tiny_causal_lm("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model = build_model(ClaraConfig(base_model=str(base), doc_max_length=64, lora_r=4, lora_alpha=8), "cpu", "fp32")
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("The river runs north to the sea.")
+    index_paths(load_model(str(ckpt)), [tmp_path / "notes"], tmp_path / "store", progress=False)
+    return ckpt, tmp_path / "store"
+
+
+def test_chat_json_is_one_object_per_line_and_ctrl_c_stops_only_the_answer(tiny_store, capsys, monkeypatch):
+    import io
+
+    from clara_edge.runtime import Runtime
+    ckpt, store = tiny_store
+    asked, real_ask = [], Runtime.ask
+
+    def ask(self, question, **kw):
+        asked.append(question)
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first answer streams
+        return real_ask(self, question, **kw)
+
+    monkeypatch.setattr(Runtime, "ask", ask)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Which river?\nWhere does it run?\nWhich sea?\n\n"))
+    args = ["chat", "--store", str(store), "--model", str(ckpt), "--top-k", "1", "--max-new-tokens", "3",
+            "--context", "512"]
+    assert main(args + ["--json"]) == 0
+    out, err = capsys.readouterr()
+    answers = [json.loads(line) for line in out.splitlines()]  # nothing else on stdout
+    assert [a["question"] for a in answers] == ["Where does it run?", "Which sea?"] and len(asked) == 3
+    assert "clara-edge chat" in err and "(stopped)" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # Ctrl-D at once
+    assert main(args) == 0
+    assert capsys.readouterr().out.endswith("> \n")
+
+
+def test_a_reader_that_goes_away_is_not_an_error_message():
+    code = ("import sys; import clara_edge.cli as cli\n"
+            "def gone(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli.cmd_models = gone\n"
+            "sys.exit(cli.main(['models']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+
+
+def test_bad_thread_counts_and_demo_questions_are_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("CLARA_EDGE_THREADS", "abc")  # used to be ignored
+    assert main(["models"]) == 1
+    assert "CLARA_EDGE_THREADS must be a whole number of threads, got 'abc'" in _one_line_error(capsys)
+    monkeypatch.delenv("CLARA_EDGE_THREADS")
+    assert main(["demo", "--questions", "-4"]) == 1  # used to ask 2 (a slice from the end)
+    assert "--questions must be at least 1, got -4" in _one_line_error(capsys)

@@ -238,14 +238,24 @@ def test_runtime_retrieves_by_clara_bm25_by_default_or_clara_alone(model, tmp_pa
 
 @pytest.mark.parametrize("retriever", ["clara+bm25", "clara"])
 @pytest.mark.parametrize("top_k,needle", [(0, "at least 1, got 0"), (-3, "at least 1, got -3"),
-                                          (500, "top-k 500 needs")])
+                                          (500, r"top-k 500 \(all 188 documents there are\) needs")])
 def test_runtime_refuses_a_bad_top_k_before_retrieving(model, tmp_path, retriever, top_k, needle):
     from clara_edge.errors import ClaraError
     from clara_edge.runtime import Runtime
-    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], tmp_path / "s", progress=False)
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=40)], tmp_path / "s", progress=False)
     runtime = Runtime.open(model, tmp_path / "s", context=512, retriever=retriever)
     with pytest.raises(ClaraError, match=needle):
         runtime.ask("Which river?", top_k=top_k, max_new_tokens=2)
+
+
+def test_a_top_k_past_the_store_reads_the_whole_store(model, tmp_path):
+    from clara_edge.runtime import Runtime
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=2, n_rows=0)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    answer = runtime.ask("Which river?", top_k=500, max_new_tokens=2)  # k=500 fits no budget; the store does
+    assert answer.stats["documents"] == int(runtime.store.snapshot()[1].sum()) < 500
+    with pytest.raises(ClaraError, match="--min-score must be a number, got nan"):
+        Runtime.open(model, tmp_path / "s", retriever="clara").ask("Which river?", min_score=float("nan"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
