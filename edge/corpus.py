@@ -92,8 +92,16 @@ def source_path(path: str | Path) -> Path:
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders into the supported files (as `source_path` names them), in argument order then
     sorted folder order. Links to nothing and special files (pipes, devices) in a folder are skipped with a
-    warning; given by name, or an unreadable folder, they are an error."""
+    warning; given by name, or an unreadable folder, they are an error. A file reached twice (a link beside its
+    target) is listed once, by the name met first."""
     out: dict[Path, None] = {}
+    targets: set[Path] = set()
+
+    def add(file: Path) -> None:
+        target = file.resolve()
+        if target not in targets:
+            targets.add(target)
+            out.setdefault(source_path(file))
     for given in paths:
         if not str(given).strip():  # an unset shell variable: "" would mean the current folder
             raise ClaraError("an empty path was given: name the files or folders")
@@ -111,12 +119,12 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
                     else:
                         log.warning("skipped %s: %s", file, _not_a_file(file))
             for file in sorted(found, key=lambda p: p.parts):  # sorted by path: a/b.txt < a/c/d.txt < a/e.txt
-                out.setdefault(source_path(file))
+                add(file)
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
                 raise ClaraError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                                  f"index {', '.join(SUFFIXES)} files or folders")
-            out.setdefault(source_path(path))
+            add(path)
         elif path.exists() or path.is_symlink():
             raise ClaraError(f"cannot index {path}: {_not_a_file(path)}")
         else:

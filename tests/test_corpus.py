@@ -168,6 +168,9 @@ def test_a_note_that_is_only_a_heading_is_its_own_text(tmp_path):
 def test_same_file_twice_is_listed_once(tmp_path):
     path = write(tmp_path / "a.txt", "x")
     assert list_files([path, tmp_path, tmp_path / "." / "a.txt"]) == [path.resolve()]
+    (tmp_path / "b.txt").symlink_to(path)  # a link beside its target: one file, by the name met first
+    assert list_files([tmp_path]) == [path.resolve()]
+    assert list_files([tmp_path / "b.txt", tmp_path]) == [tmp_path.resolve() / "b.txt"]
 
 
 def test_source_sha_is_of_the_bytes(tmp_path):
