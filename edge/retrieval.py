@@ -167,7 +167,8 @@ def _store_bm25(store: MemoryStore) -> tuple[BM25Index, np.ndarray]:
         rows = np.flatnonzero(live)
         index = _load_text_index(_text_index_folder(store), len(rows))
         if index is None:
-            index = BM25Index([(c.title, c.text) for c in store.chunks(rows)])
+            key, rows, texts = store.live_chunks()  # ids and texts of one state, whatever commits meanwhile
+            index = BM25Index(texts)
         hit = _BM25[store] = (key, index, rows)
     return hit[1], hit[2]
 

@@ -157,9 +157,10 @@ class Runtime:
 
     def _retrieve(self, question: str, query: torch.Tensor, budget: Budget, top_k: int | None, min_score: float
                   ) -> tuple[list[float], list[ChunkRecord], torch.Tensor] | None:
-        """(scores, chunks, memories) of the k documents to read; None when a writer changed the store meanwhile."""
+        """(scores, chunks, memories) of the k documents to read; None when a compaction by another process
+        renumbered the store's chunks meanwhile."""
         self.store.snapshot()
-        state = self.store.state()
+        vector_file = self.store.vector_file
         n = top_k or budget.max_docs
         centre = self.backend.retrieval_centre
         scores, ids = (fused_search(self.store, query, [question], n, centre) if self.retriever == "clara+bm25"
@@ -168,7 +169,7 @@ class Runtime:
         if not ids:
             raise ClaraError(f"store {self.store.path} holds no documents")
         k = choose_k(budget, scores, top_k, min_score)
-        fetched = self.store.fetch(ids[:k], state)
+        fetched = self.store.fetch(ids[:k], vector_file)
         return None if fetched is None else (scores[:k], *fetched)
 
 

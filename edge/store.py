@@ -365,26 +365,46 @@ class MemoryStore:
     def chunks(self, ids: Iterable[int]) -> list[ChunkRecord]:
         """Chunk text and provenance for ids (as returned by search), in the order given."""
         with self._read() as db:
-            return self._chunk_records(db, ids)
+            found = self._chunk_records(db, ids)
+        if isinstance(found, int):
+            raise ClaraError(f"store {self.path} has no chunk {found}")
+        return found
 
     def memories(self, ids: Sequence[int]) -> torch.Tensor:
         """Dequantised memories [len(ids), n_mem, hidden] fp32, for the generator."""
         return self._decode_rows(self.snapshot()[0], ids)
 
-    def fetch(self, ids: Sequence[int], state: str) -> tuple[list[ChunkRecord], torch.Tensor] | None:
-        """`chunks(ids)` and `memories(ids)` as the snapshot `state` holds them, `state` being what `state()` said
-        before the search that found `ids`; None when a writer has committed since (another process's index or
-        forget may compact, which renumbers ids): search again."""
+    @property
+    def vector_file(self) -> str:
+        """The vector file the last `snapshot()` read. A compaction, which renumbers chunk ids, writes a new one."""
+        if self._live is None:
+            self.snapshot()
+        return self._live[0][0]
+
+    def fetch(self, ids: Sequence[int], vector_file: str) -> tuple[list[ChunkRecord], torch.Tensor] | None:
+        """`chunks(ids)` and `memories(ids)` of a search made while the store's vectors were `vector_file` (its
+        `vector_file` before the search); None when the ids may mean other chunks now, because a compaction by
+        another process renumbered them or a chunk was removed: search again. Appends renumber nothing, so a
+        store that is being indexed still answers."""
         with self._read() as db:
             name, rows = self._vector_name(db), self._meta_int(db, "rows")
-            if _state_key(name, rows, self._version(db)) != state:
+            chunks = self._chunk_records(db, ids) if name == vector_file else None
+            if chunks is None or isinstance(chunks, int):
                 return None
-            chunks = self._chunk_records(db, ids)
-            # the file a compaction replaces is unlinked only after its commit: mapped here, it is still whole
             records = self._map[1] if self._map is not None and self._map[0] == (name, rows) else self._memmap(name, rows)
         return chunks, self._decode_rows(records, ids)
 
-    def _chunk_records(self, db: sqlite3.Connection, ids: Iterable[int]) -> list[ChunkRecord]:
+    def live_chunks(self) -> tuple[str, np.ndarray, list[tuple[str, str]]]:
+        """(state key, ids [n], (title, text) of each) of the live chunks, read in one transaction, so that no
+        compaction falls between the ids and their texts (the BM25 index of a state is built from them)."""
+        with self._read() as db:
+            key = _state_key(self._vector_name(db), self._meta_int(db, "rows"), self._version(db))
+            found = db.execute("SELECT c.id, c.title, c.text FROM chunks c JOIN sources s ON s.id = c.source_id "
+                               "WHERE s.state = 'complete' ORDER BY c.id").fetchall()
+        return key, np.asarray([r[0] for r in found], dtype=np.int64), [(str(r[1]), str(r[2])) for r in found]
+
+    def _chunk_records(self, db: sqlite3.Connection, ids: Iterable[int]) -> list[ChunkRecord] | int:
+        """The records of `ids`, in order, or the first id the store does not hold."""
         ids = [int(i) for i in ids]
         found = {}
         for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
@@ -395,9 +415,7 @@ class MemoryStore:
                 found[int(r[0])] = ChunkRecord(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
                                                int(r[5]), int(r[6]))
         missing = [i for i in ids if i not in found]
-        if missing:
-            raise ClaraError(f"store {self.path} has no chunk {missing[0]}")
-        return [found[i] for i in ids]
+        return missing[0] if missing else [found[i] for i in ids]
 
     def _decode_rows(self, records: np.ndarray, ids: Sequence[int]) -> torch.Tensor:
         idx = np.asarray(ids, dtype=np.int64)

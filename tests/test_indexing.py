@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -306,9 +307,53 @@ def test_a_compaction_between_search_and_reading_is_searched_again(model, tmp_pa
     with MemoryStore.open(tmp_path / "s") as store:
         assert [c.source for c in store.chunks(searched[1])] == [s["source"] for s in answer.sources]
         assert "part0" not in "".join(s["source"] for s in answer.sources)
-    monkeypatch.setattr(runtime.store, "fetch", lambda ids, state: None)
+    monkeypatch.setattr(runtime.store, "fetch", lambda ids, vector_file: None)
     with pytest.raises(ClaraError, match="kept changing while answering"):
         runtime.ask("Which river?", top_k=3, max_new_tokens=2)
+
+
+def test_a_store_being_indexed_still_answers(model, tmp_path, monkeypatch):
+    """Appends renumber nothing: a question must not give up because another process commits batches."""
+    from clara_edge import runtime as runtime_module
+    from clara_edge.runtime import Runtime
+
+    corpus = make_corpus(tmp_path / "c", n_txt=4, n_rows=0)
+    index_paths(model, [corpus / "part0"], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    searched, original = [], runtime_module.fused_search
+
+    def search_then_append(*args):
+        found = original(*args)
+        index_paths(model, [corpus / "part1", corpus / "note.md"][len(searched):][:1], tmp_path / "s", progress=False)
+        searched.append(found[1][0].tolist())
+        return found
+
+    monkeypatch.setattr(runtime_module, "fused_search", search_then_append)
+    answer = runtime.ask("Which river?", top_k=2, max_new_tokens=2)
+    assert len(searched) == 1 and [s["id"] for s in answer.sources] == searched[0]
+
+
+def test_a_compaction_while_the_text_index_is_built_is_searched_again(model, tmp_path, monkeypatch):
+    from clara_edge.indexing import forget_paths
+    from clara_edge.runtime import Runtime
+
+    corpus = make_corpus(tmp_path / "c", n_txt=8, n_rows=0)
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    for saved in (tmp_path / "s").glob("bm25-*"):  # no saved index: the question builds one
+        shutil.rmtree(saved)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    real = type(runtime.store).live_chunks
+    calls = []
+
+    def compact_first(store):
+        calls.append(store)
+        if len(calls) == 1:  # another process compacts just as this question reads the texts
+            forget_paths(tmp_path / "s", sorted((corpus / "part0").glob("*.txt")))
+        return real(store)
+
+    monkeypatch.setattr(type(runtime.store), "live_chunks", compact_first)
+    answer = runtime.ask("Which river?", top_k=3, max_new_tokens=2)
+    assert calls and "part0" not in "".join(s["source"] for s in answer.sources)
 
 
 @pytest.mark.parametrize("sampling,needle", [({"temperature": 0.0}, "--temperature must be above 0"),
