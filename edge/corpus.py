@@ -85,15 +85,16 @@ class SourceFile:
 def source_path(path: str | Path) -> Path:
     """The absolute path a file is indexed under: its folder resolved, its own name kept. Why not resolve the name
     too: a symlinked note must be known by its link, which is what goes when the user deletes the note."""
-    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    absolute = Path(path).expanduser().absolute()  # not abspath: "link/../n.md" must go through the link
     return absolute.parent.resolve() / absolute.name
 
 
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders into the supported files (as `source_path` names them), in argument order then
     sorted folder order. Links to nothing and special files (pipes, devices) in a folder are skipped with a
-    warning; given by name, or an unreadable folder, they are an error. A file reached twice (a link beside its
-    target) is listed once, by the name met first."""
+    warning, and so are unreadable subfolders (their files, already indexed, are not taken for deleted); given by
+    name, they are an error. A file reached twice (a link beside its target) is listed once, by the name met
+    first."""
     out: dict[Path, None] = {}
     targets: set[Path] = set()
 
@@ -108,7 +109,7 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
         path = Path(given).expanduser()
         if path.is_dir():
             found = []
-            for root, dirs, files in os.walk(path, onerror=_unreadable):
+            for root, dirs, files in os.walk(path, onerror=_skip_unreadable):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 for name in files:
                     file = Path(root, name)
@@ -134,8 +135,8 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(out)
 
 
-def _unreadable(error: OSError) -> None:
-    raise ClaraError(f"cannot read folder {error.filename}: {error.strerror or error}")
+def _skip_unreadable(error: OSError) -> None:
+    log.warning("skipped folder %s: %s", error.filename, error.strerror or error)
 
 
 def _not_a_file(path: Path) -> str:

@@ -93,6 +93,7 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     report = IndexReport(store=str(store_dir), files=len(files))
     with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
             tqdm(desc="index", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        _name_linked_files_by_their_links(store, files)
         report.sources_removed = _remove_gone(store, paths, files)
         completed = 0  # the chunk count is unknown up front (files are chunked as they are read): files give the total
         for batch in _batches(_pending(files, store, model, report), batch_size):
@@ -139,6 +140,15 @@ def _remove_gone(store: MemoryStore, paths: Iterable[str | Path], files: list[Pa
     if gone:
         store.delete_source(*gone)
     return len(gone)
+
+
+def _name_linked_files_by_their_links(store: MemoryStore, files: list[Path]) -> None:
+    """Stores indexed before 2026-12-05 named a symlinked file by its target: that source takes the link's name
+    now (`corpus.source_path`) instead of the same text being indexed a second time beside it."""
+    for file in files:
+        target = str(file.resolve())
+        if target != str(file) and store.source_state(str(file)) is None and store.source_state(target):
+            store.rename_source(target, str(file))
 
 
 def _deleted(name: str) -> bool:

@@ -484,6 +484,16 @@ class MemoryStore:
             self._set_meta(db, version=self._version(db) + 1)
         return removed
 
+    def rename_source(self, old: str, new: str) -> None:
+        """Give the source `old` (its chunks and memories unchanged) the name `new`, which no source has."""
+        self.require_writer()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM sources WHERE path = ?", (new,)).fetchone():
+                raise ClaraError(f"store {self.path} already holds a source {new}")
+            if db.execute("UPDATE sources SET path = ? WHERE path = ?", (new, old)).rowcount != 1:
+                raise ClaraError(f"store {self.path} holds no source {old}")
+            self._set_meta(db, version=self._version(db) + 1)
+
     def compact(self) -> int:
         """Rewrite the vector file without dead rows (renumbering chunk ids); returns rows reclaimed."""
         self.require_writer()

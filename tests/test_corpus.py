@@ -152,12 +152,25 @@ def test_pipes_and_dangling_links_are_skipped_in_a_folder_and_refused_by_name(tm
     with pytest.raises(ClaraError, match="an empty path was given"):
         list_files([""])
 
-    def unreadable_walk(top, onerror=None):  # what os.walk meets in a folder without read permission
+    def unreadable_walk(top, onerror=None):  # what os.walk meets in a subfolder without read permission
+        yield str(top), [], ["a.txt"]
         onerror(PermissionError(13, "Permission denied", str(top) + "/private"))
-        yield from ()
     monkeypatch.setattr(corpus_module.os, "walk", unreadable_walk)
-    with pytest.raises(ClaraError, match=r"cannot read folder .*notes/private: Permission denied"):
-        list_files([tmp_path / "notes"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clara_edge"):
+        assert list_files([tmp_path / "notes"]) == [good.resolve()]  # it used to be skipped without a word
+    assert "skipped folder" in caplog.text and "notes/private: Permission denied" in caplog.text
+
+
+def test_a_path_through_a_linked_folder_names_the_file_it_reads(tmp_path, monkeypatch):
+    write(tmp_path / "real" / "n.md", "the real note")
+    (tmp_path / "real" / "sub").mkdir()
+    write(tmp_path / "n.md", "a decoy beside the link")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path)
+    (listed,) = list_files(["link/../n.md"])  # the OS goes through the link: real/n.md
+    assert listed == (tmp_path / "real" / "n.md").resolve()
+    assert listed.read_text() == "the real note"
 
 
 def test_a_note_that_is_only_a_heading_is_its_own_text(tmp_path):

@@ -198,6 +198,22 @@ def test_a_symlinked_note_is_known_by_its_link(model, tmp_path, capsys, monkeypa
     assert per_source(contents(tmp_path / "s"))
 
 
+def test_a_store_that_named_a_linked_note_by_its_target_is_not_indexed_twice(model, tmp_path):
+    corpus, elsewhere = make_corpus(tmp_path / "c", n_txt=2, n_rows=0), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vault.txt").write_text("The vault password is swordfish.")
+    (corpus / "vault.txt").symlink_to(elsewhere / "vault.txt")
+    index_paths(model, [corpus], tmp_path / "s", progress=False)
+    with MemoryStore.open(tmp_path / "s", write=True) as store:  # as the store of an earlier clara-edge had it
+        store.rename_source(str(corpus / "vault.txt"), str(elsewhere / "vault.txt"))
+    before = contents(tmp_path / "s")
+    again = index_paths(model, [corpus], tmp_path / "s", progress=False)
+    assert again.chunks_added == 0 and again.sources_removed == 0
+    sources = set(per_source(contents(tmp_path / "s")))
+    assert str(corpus / "vault.txt") in sources and str(elsewhere / "vault.txt") not in sources
+    assert len(contents(tmp_path / "s")) == len(before)
+
+
 def test_a_store_named_with_a_tilde_after_an_equals_sign(model, tmp_path, monkeypatch):
     from clara_edge.runtime import Runtime
     monkeypatch.setenv("HOME", str(tmp_path))
