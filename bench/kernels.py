@@ -29,7 +29,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -461,13 +460,15 @@ def run(args: argparse.Namespace, bench: Bench) -> tuple[dict, list[Row]]:
                     args=vars(args), elapsed_s=time.time() - runner.t0, skipped=skipped,
                     rows=[asdict(r) for r in runner.rows])
 
+    out = report_path(args.json, "kernel benchmark")
+
     def checkpoint() -> None:
         """Rewrite the JSON after every shape, so a run cut short still leaves its rows."""
-        if args.json:
-            partial = Path(f"{args.json}.partial")
+        if out is not None:
+            partial = out.with_name(out.name + ".partial")
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(report(), indent=1))
-            os.replace(partial, args.json)  # a kill mid-write leaves the previous checkpoint, not half a file
+            os.replace(partial, out)  # a kill mid-write leaves the previous checkpoint, not half a file
 
     # Decode (the issue's targets) for both models first, then prefill; a run short of time skips whole shapes.
     work = [("decode", model, shape) for model in args.models for shape in decode_shapes

@@ -18,18 +18,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def staging_dir(final: Path) -> Path:
-    """A new empty sibling of `final` to build its next version in. Siblings left by processes that died mid-write
-    go first; a `final` lost between the two renames of `replace_dir` gets its previous version back."""
+    """A new empty sibling of `final` (of its target, when `final` is a link) to build its next version in.
+    Siblings left by processes that died mid-write go first; a `final` lost between the two renames of
+    `replace_dir` gets its previous version back."""
+    final = _real(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for sibling in final.parent.iterdir():
-        left = re.fullmatch(rf"{re.escape(final.name)}\.(tmp|old)(\d+)", sibling.name)
+        left = re.fullmatch(rf"\.{re.escape(final.name)}\.clara-(tmp|old)-(\d+)", sibling.name)
         if left is None or _alive(int(left[2])):
             continue
         if left[1] == "old" and not final.exists():
             os.replace(sibling, final)
         else:
             shutil.rmtree(sibling, ignore_errors=True)
-    staged = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    staged = _sibling(final, "tmp")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     return staged
@@ -41,7 +43,8 @@ def replace_dir(staged: Path, final: Path) -> Path:
     for path in sorted(staged.rglob("*"), reverse=True):  # files before the folders that hold them
         _fsync(path)
     _fsync(staged)
-    old = final.with_name(f"{final.name}.old{os.getpid()}")
+    final = _real(final)
+    old = _sibling(final, "old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -49,6 +52,16 @@ def replace_dir(staged: Path, final: Path) -> Path:
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _real(final: Path) -> Path:
+    """Where a link points (a checkpoint folder linked to a larger disk is written there), else `final`."""
+    return final.resolve() if final.is_symlink() else final
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    """A hidden name no user would give a folder of their own, so only leftovers of ours are ever removed."""
+    return final.with_name(f".{final.name}.clara-{kind}-{os.getpid()}")
 
 
 def _fsync(path: Path) -> None:

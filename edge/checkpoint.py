@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -291,7 +292,8 @@ def load_model(spec: str | None = None, compression: int | None = None, device: 
         shipped = default_checkpoint(rate)
         if is_checkpoint(shipped):
             return load_checkpoint(shipped, device, dtype, base)
-        shipped_rates = sorted(int(p.name.rsplit("-cr", 1)[1]) for p in WEIGHTS_DIR.glob(f"{DEFAULT_BASE}-cr*"))
+        shipped_rates = sorted(int(m[1]) for p in WEIGHTS_DIR.iterdir() if is_checkpoint(p)
+                               and (m := re.fullmatch(rf"{re.escape(DEFAULT_BASE)}-cr(\d+)", p.name)))
         log.warning("no trained weights ship for compression %d (they do for %s): its adapters are untrained and "
                     "it answers as the base model would", rate, ", ".join(map(str, shipped_rates)))
         return build_model(ClaraConfig(base_model=base or DEFAULT_BASE, compression_rate=rate), device, dtype)

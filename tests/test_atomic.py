@@ -54,8 +54,18 @@ def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(tmp_path):
     write(final, "one")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    for name in (f"export.tmp{dead}", f"export.old{dead}", "export.tmp1", "export.tmpx", "other.tmp" + dead):
+    ours = [f".export.clara-tmp-{dead}", f".export.clara-old-{dead}"]
+    kept = [".export.clara-tmp-1", "export.tmp" + dead, "export.old" + dead, ".other.clara-tmp-" + dead]
+    for name in ours + kept:  # pid 1 is alive; the rest are not names this module gives
         (tmp_path / name).mkdir()
     staged = staging_dir(final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["export", staged.name, "export.tmp1", "export.tmpx", "other.tmp" + dead])  # pid 1 is alive
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", staged.name, *kept])
+
+
+def test_a_linked_folder_is_written_where_it_points(tmp_path):
+    (tmp_path / "big-disk").mkdir()
+    (tmp_path / "ckpt").symlink_to(tmp_path / "big-disk" / "ckpt", target_is_directory=True)
+    for text in ("one", "two", "three"):  # training saves again and again
+        write(tmp_path / "ckpt", text)
+    assert (tmp_path / "ckpt").is_symlink() and (tmp_path / "ckpt" / "sub" / "a.txt").read_text() == "three"
+    assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["ckpt"]
