@@ -375,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         from .devices import configure_threads
         configure_threads(args.threads)
         return int(args.func(args) or 0)
-    except ClaraError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except ClaraError as e:  # one line, even when it quotes a file name with a line break in it
+        print(f"{PROG}: error: " + str(e).replace("\n", "\\n"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

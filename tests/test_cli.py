@@ -169,3 +169,10 @@ def test_bad_thread_counts_and_demo_questions_are_one_line(capsys, monkeypatch):
     monkeypatch.delenv("CLARA_EDGE_THREADS")
     assert main(["demo", "--questions", "-4"]) == 1  # used to ask 2 (a slice from the end)
     assert "--questions must be at least 1, got -4" in _one_line_error(capsys)
+
+
+def test_an_error_quoting_a_line_break_stays_one_line(tmp_path, capsys):
+    from clara_edge.store import MemoryStore, StoreSpec
+    MemoryStore.create(tmp_path / "s", StoreSpec("f", 16, 2, 4)).close()
+    assert main(["forget", str(tmp_path / "bad\nname.txt"), "--store", str(tmp_path / "s")]) == 1
+    assert "holds no source" in _one_line_error(capsys)
