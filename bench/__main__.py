@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--data-dir", default=None, help="folder with eval/*.jsonl (default: ../shared/data beside the repo)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with eval/*.jsonl (default: ../shared/data beside the repo)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch, ORT and llama.cpp")
     try:
         return run_bench_command(p.parse_args(argv))

@@ -411,7 +411,8 @@ class ClaraModel(nn.Module):
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, out.past_key_values)
         prefill_end = prefill_end or end
-        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
+        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse,
+                          steps)
 
     @contextmanager
     def _adapters_disabled_if(self, disabled: bool):

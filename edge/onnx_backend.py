@@ -281,7 +281,8 @@ class ExportedBackend:
         if prefix_cache is not None:
             prefix_cache.keep(role, inputs_embeds, state)
         prefill_end = prefill_end or end
-        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse, steps)
+        return Generation(stream.answers(), stream.tokens, context, prefill_end - start, end - prefill_end, reuse,
+                          steps)
 
 
 class OnnxBackend(ExportedBackend):

@@ -334,9 +334,7 @@ class MemoryStore:
         name, rows, live = self._live_rows()
         if not (self.path / name).exists():
             name, rows, live = self._live_rows()  # a compaction switched files after our read: read again
-        if self._map is None or self._map[0] != (name, rows):
-            self._map = ((name, rows), self._memmap(name, rows))
-        return self._map[1], live
+        return self._mapped(name, rows), live
 
     def state(self) -> str:
         """What the last `snapshot()` saw, as a file-name-safe key: vector file, committed rows and the store's
@@ -391,8 +389,14 @@ class MemoryStore:
             chunks = self._chunk_records(db, ids) if name == vector_file else None
             if chunks is None or isinstance(chunks, int):
                 return None
-            records = self._map[1] if self._map is not None and self._map[0] == (name, rows) else self._memmap(name, rows)
+            records = self._mapped(name, rows)
         return chunks, self._decode_rows(records, ids)
+
+    def _mapped(self, name: str, rows: int) -> np.ndarray:
+        """The records of vector file `name` up to `rows`, mapped once per (file, rows)."""
+        if self._map is None or self._map[0] != (name, rows):
+            self._map = ((name, rows), self._memmap(name, rows))
+        return self._map[1]
 
     def live_chunks(self) -> tuple[str, np.ndarray, list[tuple[str, str]]]:
         """(state key, ids [n], (title, text) of each) of the live chunks, read in one transaction, so that no
