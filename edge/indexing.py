@@ -83,7 +83,8 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
 
     A missing store is created for `model` with record `dtype` (fp16, int8 or int4); an existing one must
     match the model's fingerprint and compression rate and keeps its own dtype. Commits every `batch_size`
-    chunks; a ClaraError for a bad file comes after the work before it is committed.
+    chunks; a ClaraError for a bad file comes after the work before it is committed. The progress bar shows
+    only on a terminal, so that logs of a redirected run stay readable.
     """
     if batch_size < 1:
         raise ClaraError(f"--batch-size must be at least 1, got {batch_size}")
@@ -92,7 +93,7 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     files = list_files(paths)
     report = IndexReport(store=str(store_dir), files=len(files))
     with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
-            tqdm(desc="index", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+            tqdm(desc="index", unit="doc", disable=None if progress else True, dynamic_ncols=True) as bar:
         _name_linked_files_by_their_links(store, files)
         report.sources_removed = _remove_gone(store, paths, files)
         completed = 0  # the chunk count is unknown up front (files are chunked as they are read): files give the total

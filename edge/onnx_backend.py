@@ -154,7 +154,7 @@ class ExportedBackend:
     def describe(self) -> dict:
         """What `clara-edge info` shows of an export beyond its model's config."""
         fields = ("format", "quant", "lora", "generator_graph", "accuracy_level", "outlier_channels", "size_mb",
-                  "exporter_revision")
+                  "exporter_revision", "traced_by_exporter_revision", "requantized_from")
         return {"path": str(self.path), **{k: self.manifest[k] for k in fields if self.manifest.get(k) is not None}}
 
     # ---------------------------------------------------------------- embeddings

@@ -442,8 +442,10 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
 
     table = np.load(src / EMBEDDINGS_FILE)
     calibration = calibration_embeds(load_tokenizer(src, manifest), table)
-    return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, "requantized_from": str(src)}, write_rest,
-                       calibration)
+    # The graphs keep the source's trace; the quantisation is this exporter's, so both revisions are recorded.
+    provenance = {"requantized_from": str(src), "exporter_revision": EXPORTER_REVISION,
+                  "traced_by_exporter_revision": manifest.get("exporter_revision")}
+    return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, **provenance}, write_rest, calibration)
 
 
 def export_onnx(model: ClaraModel, out_dir: str | Path, quant: str = "fp32", lora: str = LORA_MODES[0],

@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 
 from tiny import randomize_adapters, tiny_clara  # noqa: E402
 
-from clara_edge.backend import EXPORT_MANIFEST, open_backend  # noqa: E402
+from clara_edge.backend import EXPORT_MANIFEST, EXPORTER_REVISION, open_backend  # noqa: E402
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.onnx_export import LORA_MODES, trace_graphs, write_onnx_export  # noqa: E402
 from clara_edge.export.parity import export_forced_logits, torch_forced_logits  # noqa: E402
@@ -417,6 +417,11 @@ def test_requantise_an_fp32_export(tmp_path):
     out = export_model(OnnxBackend(path), "onnx", "int4", tmp_path / "int4")
     m = json.loads((out / EXPORT_MANIFEST).read_text())
     assert m["quant"] == "int4" and m["fingerprint"] == model.fingerprint() and m["requantized_from"] == str(path)
+    older = shutil.copytree(path, tmp_path / "older")  # an older exporter's trace: its revision stays on record
+    source_manifest = json.loads((older / EXPORT_MANIFEST).read_text())
+    (older / EXPORT_MANIFEST).write_text(json.dumps({**source_manifest, "exporter_revision": 1}))
+    old = json.loads((export_model(OnnxBackend(older), "onnx", "int8", tmp_path / "old") / EXPORT_MANIFEST).read_text())
+    assert (old["exporter_revision"], old["traced_by_exporter_revision"]) == (EXPORTER_REVISION, 1)
     graph = onnx.load(str(out / "generator.onnx"), load_external_data=False).graph  # no exporter metadata left:
     bits = {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
     assert bits == {4, 8}  # LoRA and lm_head found by shape

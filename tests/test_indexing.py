@@ -400,9 +400,12 @@ def test_index_saves_the_text_index_of_the_final_state(model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["text_index"] == saved
 
 
-def test_progress_bar_reports_docs_per_second(model, tmp_path, capsys):
+def test_progress_bar_reports_docs_per_second_on_a_terminal_only(model, tmp_path, capsys, monkeypatch):
     corpus = make_corpus(tmp_path / "c", n_txt=2, n_rows=0)
     index_paths(model, [corpus], tmp_path / "s", batch_size=2, progress=True)
+    assert capsys.readouterr().err == ""  # a redirected log stays free of bar redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    index_paths(model, [corpus], tmp_path / "t", batch_size=2, progress=True)
     assert "doc/s" in capsys.readouterr().err
 
 
