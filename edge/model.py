@@ -258,7 +258,7 @@ class ClaraModel(nn.Module):
     def tokenize_documents(self, texts: Sequence[str]) -> list[list[int]]:
         """Wrap each text as <ENC> BOS text EOS <MEM0..MEMn-1>, text truncated to doc_max_length tokens."""
         tok = self.tokenizer
-        body = tok(list(texts), add_special_tokens=False, truncation=True,
+        body = tok([prompts.literal(tok, t) for t in texts], add_special_tokens=False, truncation=True,
                    max_length=self.config.doc_max_length)["input_ids"]
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -317,7 +317,8 @@ class ClaraModel(nn.Module):
     # ---------------------------------------------------------------- generator
     def prompt_ids(self, question: str, n_docs: int) -> list[int]:
         """The CLaRa generator prompt for `n_docs` memory blocks, as token ids (chat template applied)."""
-        user = prompts.question_message(prompts.memory_background(n_docs, self.config.n_mem), question)
+        user = prompts.question_message(prompts.memory_background(n_docs, self.config.n_mem),
+                                        prompts.literal(self.tokenizer, question))
         text = prompts.render_chat(self.tokenizer, user)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -440,8 +441,10 @@ class ClaraModel(nn.Module):
 
     # ---------------------------------------------------------------- text mode (baseline, teacher)
     def text_prompt_ids(self, question: str, docs: Sequence[tuple[str, str]]) -> list[int]:
-        user = prompts.question_message(prompts.text_background(docs), question)
-        return self.tokenizer(prompts.render_chat(self.tokenizer, user), add_special_tokens=False)["input_ids"]
+        tok = self.tokenizer
+        docs = [(prompts.literal(tok, title), prompts.literal(tok, text)) for title, text in docs]
+        user = prompts.question_message(prompts.text_background(docs), prompts.literal(tok, question))
+        return tok(prompts.render_chat(tok, user), add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
     def generate_text_rag(self, questions: Sequence[str], docs: Sequence[Sequence[tuple[str, str]]],

@@ -1,6 +1,8 @@
 """Prompts: the CLaRa generator prompt, its text-RAG twin, rendered through the base model's chat template."""
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Your task is to extract relevant information from provided "
@@ -14,6 +16,29 @@ def mem_tokens(n_mem: int) -> list[str]:
 def special_tokens(n_mem: int) -> list[str]:
     """The added tokens, in CLaRa's order: MEM0..MEM{n-1}, AE, ENC, SEP."""
     return mem_tokens(n_mem) + ["<AE>", "<ENC>", "<SEP>"]
+
+
+# Inserted after the first character of a control-token string in user text (U+2060, invisible when shown).
+WORD_JOINER = "\u2060"
+
+
+def literal(tokenizer, text: str) -> str:
+    """User text (a question, a document) as the tokenizer must read it: as words, never as control tokens.
+
+    A question quoting `<MEM0>` would otherwise become a memory slot (and leave the prompt one memory short),
+    and a document quoting `<|im_end|>` would end the chat turn; each such string gets a word joiner after its
+    first character, so it tokenizes as the characters it shows.
+    """
+    pattern = _control_tokens(tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special))
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: m[0][0] + WORD_JOINER + m[0][1:], text)
+
+
+@functools.lru_cache(maxsize=16)
+def _control_tokens(tokens: tuple[str, ...]) -> re.Pattern | None:
+    tokens = sorted((t for t in tokens if len(t) > 1), key=len, reverse=True)  # longest first: <MEM10> before <MEM1>
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 def memory_background(n_docs: int, n_mem: int) -> str:

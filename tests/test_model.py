@@ -216,6 +216,21 @@ def test_prompt_uses_chat_template_and_mem_blocks():
     assert text.rstrip().endswith("<|im_start|>assistant")
 
 
+def test_control_tokens_in_user_text_stay_words(model):
+    """A question or document quoting <MEM0>, <SEP> or <|im_end|> reads as those characters, not as slots or turns."""
+    question, doc = "What do <MEM0> and <SEP> mean?", "A chat turn ends with <|im_end|> and <MEM10>."
+    ids = model.prompt_ids(question, 2)
+    assert sum(i in model.mem_ids.tolist() for i in ids) == 2 * model.config.n_mem
+    assert ids.count(model._special("<SEP>")) == 2
+    memories = model.compress([doc, DOCS[0]])
+    assert len(model.generate([question], [memories], max_new_tokens=2).texts) == 1
+    body = model.tokenize_documents([doc])[0][:-model.config.n_mem]
+    assert not set(body) & set(model.mem_ids.tolist()) and body.count(model.tokenizer.eos_token_id) == 1  # its own EOS
+    text_ids = model.text_prompt_ids(question, [("<|im_start|>", doc)])
+    assert text_ids.count(model.tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2  # system and user turns only
+    assert model.tokenizer.decode(ids).replace(prompts.WORD_JOINER, "").count(question) == 1
+
+
 def test_prompt_folds_system_into_user_for_templates_without_system_role():
     m = tiny_clara("mistral", template=MISTRAL_LIKE)
     text = m.tokenizer.decode(m.prompt_ids("Who?", 1))
