@@ -89,12 +89,18 @@ def source_path(path: str | Path) -> Path:
     return absolute.parent.resolve() / absolute.name
 
 
-def list_files(paths: Iterable[str | Path]) -> list[Path]:
+def path_list(paths: Iterable[str | Path] | str | Path) -> list[str | Path]:
+    """One path or several, as a list (a lone string is one path, not its characters)."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def list_files(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """Expand files and folders into the supported files (as `source_path` names them), in argument order then
     sorted folder order. Links to nothing and special files (pipes, devices) in a folder are skipped with a
-    warning, and so are unreadable subfolders (their files, already indexed, are not taken for deleted); given by
-    name, they are an error. A file reached twice (a link beside its target) is listed once, by the name met
-    first."""
+    warning, and so are unreadable subfolders (their files, already indexed, are not taken for deleted) and
+    linked subfolders (not followed: give their own path); given by name, they are an error. A file reached
+    twice (a link beside its target) is listed once, by the name met first."""
+    paths = path_list(paths)
     out: dict[Path, None] = {}
     targets: set[Path] = set()
 
@@ -110,6 +116,9 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = []
             for root, dirs, files in os.walk(path, onerror=_skip_unreadable):
+                for name in dirs:
+                    if not name.startswith(".") and Path(root, name).is_symlink():
+                        log.warning("skipped %s: a linked folder (index it by its own path)", Path(root, name))
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 for name in files:
                     file = Path(root, name)

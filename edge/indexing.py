@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .corpus import Chunk, SourceFile, chunk_document, list_files, read_source
+from .corpus import Chunk, SourceFile, chunk_document, list_files, path_list, read_source
 from .datasets import document_text
 from .errors import ClaraError
 from .retrieval import save_text_index
@@ -77,7 +77,7 @@ def store_spec(model, dtype: str = "fp16") -> StoreSpec:
     return StoreSpec(model.fingerprint(), cfg.compression_rate, cfg.n_mem, hidden, dtype, cfg.base_model)
 
 
-def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch_size: int = 16,
+def index_paths(model, paths: Iterable[str | Path] | str | Path, store_dir: str | Path, batch_size: int = 16,
                 progress: bool = True, dtype: str = "fp16") -> IndexReport:
     """Index files and folders into the store at `store_dir`.
 
@@ -89,12 +89,13 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     if batch_size < 1:
         raise ClaraError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.perf_counter()
-    paths = list(paths)
+    paths = path_list(paths)
     files = list_files(paths)
     report = IndexReport(store=str(store_dir), files=len(files))
     with MemoryStore.open_or_create(store_dir, store_spec(model, dtype)) as store, \
             tqdm(desc="index", unit="doc", disable=None if progress else True, dynamic_ncols=True) as bar:
-        _name_linked_files_by_their_links(store, files)
+        if store.names_links_by_target:
+            _name_linked_files_by_their_links(store, files)
         report.sources_removed = _remove_gone(store, paths, files)
         completed = 0  # the chunk count is unknown up front (files are chunked as they are read): files give the total
         for batch in _batches(_pending(files, store, model, report), batch_size):
@@ -112,13 +113,13 @@ def index_paths(model, paths: Iterable[str | Path], store_dir: str | Path, batch
     return report
 
 
-def forget_paths(store_dir: str | Path, paths: Iterable[str | Path]) -> int:
+def forget_paths(store_dir: str | Path, paths: Iterable[str | Path] | str | Path) -> int:
     """Remove sources (files, or every source below a folder) from a store; returns how many chunks went."""
     store_dir = Path(store_dir).expanduser()
     if not store_dir.is_dir():
         raise ClaraError(f"no memory store at {store_dir}")
     with MemoryStore.open(store_dir, write=True) as store:
-        removed = store.delete_source(*paths)
+        removed = store.delete_source(*path_list(paths))
         _finish(store)
     return removed
 

@@ -208,7 +208,8 @@ def save_text_index(store: MemoryStore) -> Path:
         index.save(partial)
         os.replace(partial, folder)  # readers see the whole index or none
         fsync_dir(store.path)
-    for old in store.path.glob(f"{TEXT_INDEX_PREFIX}*"):
+    # older states' indexes, and what a writer that died while saving left (which nothing else would remove)
+    for old in [*store.path.glob(f"{TEXT_INDEX_PREFIX}*"), *store.path.glob(f".{TEXT_INDEX_PREFIX}*.partial")]:
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -43,6 +43,7 @@ from .errors import ClaraError
 FORMAT_VERSION = 1
 DTYPES = ("fp16", "int8", "int4")
 BLOCK_ROWS = 1024  # rows per checksum block
+SNAPSHOT_TRIES = 3  # reads of the metadata while other processes compact the store between them
 DB_NAME, LOCK_NAME = "store.sqlite", "write.lock"
 _VECTOR_FILE = re.compile(r"vectors(-\d+)?\.bin")
 _QMAX = {"int8": 127, "int4": 7}
@@ -65,6 +66,10 @@ def _fits_a_new_store(name: str) -> bool:
     leaves some behind) or macOS's folder metadata."""
     return (name.startswith((DB_NAME, "bm25-", ".bm25-")) or name in (LOCK_NAME, ".DS_Store")
             or _VECTOR_FILE.fullmatch(name) is not None)
+
+
+class VectorFileGone(ClaraError):
+    """The vector file the metadata named is gone: another process compacted the store since it was read."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,8 @@ class MemoryStore:
                     leftover.unlink()
             tmp = path / (DB_NAME + ".new")
             # Build the schema under a temporary name and rename it, so a half-created store never exists.
-            meta = {**asdict(spec), "format": FORMAT_VERSION, "rows": 0, "version": 0, "vector_file": "vectors.bin"}
+            meta = {**asdict(spec), "format": FORMAT_VERSION, "rows": 0, "version": 0, "vector_file": "vectors.bin",
+                    "link_names": 1}
             with _guarded(path, "cannot create"):
                 db = sqlite3.connect(tmp, isolation_level=None)
                 try:
@@ -331,10 +337,13 @@ class MemoryStore:
 
         Live = chunk of a complete source; deleted or unfinished rows must never be returned by search.
         """
-        name, rows, live = self._live_rows()
-        if not (self.path / name).exists():
-            name, rows, live = self._live_rows()  # a compaction switched files after our read: read again
-        return self._mapped(name, rows), live
+        for _ in range(SNAPSHOT_TRIES):
+            name, rows, live = self._live_rows()
+            try:
+                return self._mapped(name, rows), live
+            except VectorFileGone:  # a compaction switched files after our read: read again
+                continue
+        raise ClaraError(f"store {self.path} is missing its vector file {name}")
 
     def state(self) -> str:
         """What the last `snapshot()` saw, as a file-name-safe key: vector file, committed rows and the store's
@@ -389,7 +398,10 @@ class MemoryStore:
             chunks = self._chunk_records(db, ids) if name == vector_file else None
             if chunks is None or isinstance(chunks, int):
                 return None
-            records = self._mapped(name, rows)
+            try:
+                records = self._mapped(name, rows)
+            except VectorFileGone:  # compacted away since this transaction began
+                return None
         return chunks, self._decode_rows(records, ids)
 
     def _mapped(self, name: str, rows: int) -> np.ndarray:
@@ -475,9 +487,11 @@ class MemoryStore:
                     raise ClaraError("an empty path was given: name the files or folders to forget")
                 ids: list[int] = []
                 # As given (an API source name), else as index_paths records a file (`source_path`: a link by its
-                # own name), else fully resolved (a folder reached through a link).
+                # own name), else fully resolved if a folder (one reached through a link). A link to a file is
+                # never resolved: its target may be indexed in its own right.
                 given = Path(path).expanduser()
-                for key in dict.fromkeys([str(path), str(source_path(given)), str(given.resolve())]):
+                keys = [str(path), str(source_path(given))] + ([str(given.resolve())] if given.is_dir() else [])
+                for key in dict.fromkeys(keys):
                     prefix = key.rstrip("/") + "/"
                     ids = ids or [r[0] for r in db.execute(f"SELECT id FROM sources WHERE path = ? OR {_UNDER}",
                                                            (key, prefix, prefix))]
@@ -487,6 +501,13 @@ class MemoryStore:
             removed = sum(self._drop_source(db, i) for i in matched)
             self._set_meta(db, version=self._version(db) + 1)
         return removed
+
+    @property
+    def names_links_by_target(self) -> bool:
+        """Whether this store was created before 2026-12-05, when a symlinked file's source was named by its
+        target (`corpus.source_path` names it by the link since)."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM meta WHERE key = 'link_names'").fetchone() is None
 
     def rename_source(self, old: str, new: str) -> None:
         """Give the source `old` (its chunks and memories unchanged) the name `new`, which no source has."""
@@ -588,20 +609,23 @@ class MemoryStore:
         db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(str(v), k) for k, v in values.items()])
 
     def _memmap(self, name: str, rows: int) -> np.ndarray:
-        file = self.path / name
         need = rows * self.record.itemsize
-        try:
-            size = file.stat().st_size
-        except OSError:
-            raise ClaraError(f"store {self.path} is missing its vector file {name}") from None
-        if size < need:
-            raise ClaraError(f"store {self.path} is corrupted: {name} is truncated ({size} bytes, the index "
-                             f"needs {need}); re-index into a new store")
-        if rows == 0:
-            return np.zeros(0, dtype=self.record)
-        # Copy-on-write: pages are shared with the file as in mode 'r', but the arrays count as writable,
-        # so torch can view them without a copy (and without warning about read-only memory).
-        return np.memmap(file, dtype=self.record, mode="c", shape=(rows,))
+        try:  # one open, then its size: a compaction may remove the file at any moment, never under an open file
+            file = open(self.path / name, "rb")
+        except FileNotFoundError:
+            raise VectorFileGone(f"store {self.path} is missing its vector file {name}") from None
+        except OSError as e:
+            raise ClaraError(f"store {self.path}: cannot read {name}: {e.strerror}") from None
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size < need:
+                raise ClaraError(f"store {self.path} is corrupted: {name} is truncated ({size} bytes, the index "
+                                 f"needs {need}); re-index into a new store")
+            if rows == 0:
+                return np.zeros(0, dtype=self.record)
+            # Copy-on-write: pages are shared with the file as in mode 'r', but the arrays count as writable,
+            # so torch can view them without a copy (and without warning about read-only memory).
+            return np.memmap(file, dtype=self.record, mode="c", shape=(rows,))
 
     def _verify_blocks(self, tail_only: bool) -> None:
         with self._read() as db:

@@ -142,9 +142,12 @@ def test_pipes_and_dangling_links_are_skipped_in_a_folder_and_refused_by_name(tm
     good = write(tmp_path / "notes" / "a.txt", "Kept.")
     os.mkfifo(tmp_path / "notes" / "pipe.txt")
     (tmp_path / "notes" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    write(tmp_path / "work" / "b.txt", "Elsewhere.")
+    (tmp_path / "notes" / "work").symlink_to(tmp_path / "work")
     with caplog.at_level("WARNING", logger="clara_edge"):
-        assert list_files([tmp_path / "notes"]) == [good.resolve()]
+        assert list_files(tmp_path / "notes") == [good.resolve()]  # one path needs no list
     assert "pipe.txt: not a regular file" in caplog.text and "gone.txt: a link to" in caplog.text
+    assert "notes/work: a linked folder" in caplog.text
     with pytest.raises(ClaraError, match=r"cannot index .*pipe.txt: not a regular file"):
         list_files([tmp_path / "notes" / "pipe.txt"])
     with pytest.raises(ClaraError, match=r"cannot index .*gone.txt: a link to .*nowhere.txt, which does not exist"):

@@ -206,12 +206,29 @@ def test_a_store_that_named_a_linked_note_by_its_target_is_not_indexed_twice(mod
     index_paths(model, [corpus], tmp_path / "s", progress=False)
     with MemoryStore.open(tmp_path / "s", write=True) as store:  # as the store of an earlier clara-edge had it
         store.rename_source(str(corpus / "vault.txt"), str(elsewhere / "vault.txt"))
+    with sqlite3.connect(tmp_path / "s" / "store.sqlite") as db:
+        db.execute("DELETE FROM meta WHERE key = 'link_names'")
     before = contents(tmp_path / "s")
     again = index_paths(model, [corpus], tmp_path / "s", progress=False)
     assert again.chunks_added == 0 and again.sources_removed == 0
     sources = set(per_source(contents(tmp_path / "s")))
     assert str(corpus / "vault.txt") in sources and str(elsewhere / "vault.txt") not in sources
     assert len(contents(tmp_path / "s")) == len(before)
+
+
+def test_a_file_indexed_in_its_own_right_is_not_taken_over_by_a_link_to_it(model, tmp_path):
+    projects, notes = make_corpus(tmp_path / "projects", n_txt=2, n_rows=0), tmp_path / "notes"
+    notes.mkdir()
+    (notes / "plan.txt").symlink_to(projects / "part0" / "doc000.txt")
+    (tmp_path / "shortcut.txt").symlink_to(projects / "part1" / "doc001.txt")
+    index_paths(model, [projects], tmp_path / "s", progress=False)
+    index_paths(model, [notes], tmp_path / "s", progress=False)
+    assert {str(projects / "part0" / "doc000.txt"), str(notes / "plan.txt")} <= set(per_source(contents(tmp_path / "s")))
+    forget_paths(tmp_path / "s", str(notes))  # one path, as a string: not its characters
+    with pytest.raises(ClaraError, match="holds no source"):  # a link never indexed names no source
+        forget_paths(tmp_path / "s", [tmp_path / "shortcut.txt"])
+    kept = {str(projects / "part0" / "doc000.txt"), str(projects / "part1" / "doc001.txt")}
+    assert kept <= set(per_source(contents(tmp_path / "s")))
 
 
 def test_a_store_named_with_a_tilde_after_an_equals_sign(model, tmp_path, monkeypatch):

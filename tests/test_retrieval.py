@@ -205,8 +205,10 @@ def test_saved_text_index_is_mapped_by_a_new_reader_and_follows_the_state(text_s
     monkeypatch.undo()
     text_store.delete_source("doc6")
     text_store.snapshot()
+    (text_store.path / f".{folder.name}.partial").mkdir()  # a writer died while saving that state's index
     newer = save_text_index(text_store)
     assert newer != folder and not folder.exists() and newer.is_dir()  # the old state's index is gone
+    assert not list(text_store.path.glob(".bm25-*"))  # and so is the half-saved one
     expect = fused_search(text_store, mem, ["Where is the canyon?"], 11)
     for part in sorted(p for p in newer.rglob("*") if p.is_file()):
         intact = part.read_bytes()

@@ -226,6 +226,24 @@ def test_state_names_every_change_of_what_a_search_can_return(tmp_path):
         assert re.fullmatch(r"[\w-]+", s.state())  # usable in a file name
 
 
+def test_a_reader_whose_vector_file_is_compacted_away_reads_the_new_one(filled):
+    """Between a reader's metadata read and its open of the vector file another process may compact the store
+    (and delete the file it read): snapshot() must read the metadata again, not fail."""
+    with MemoryStore.open(filled, write=True) as writer:
+        writer.delete_source("b")
+        reader, opened = MemoryStore.open(filled), []
+
+        def compacted_just_before_the_open(name, rows):
+            if not opened:
+                writer.compact()
+            opened.append(name)
+            return MemoryStore._memmap(reader, name, rows)
+
+        reader._memmap = compacted_just_before_the_open
+        records, live = reader.snapshot()
+        assert opened == ["vectors.bin", "vectors-1.bin"] and len(records) == 3 and live.all()
+
+
 def test_replace_delete_and_compact(filled, tmp_path):
     with MemoryStore.open(filled, write=True) as s:
         before = stored(s)
