@@ -47,12 +47,19 @@ def build_model(config: ClaraConfig, device: str | None = None, dtype: str | Non
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        # fp16 loads go through the stored dtype: the base fingerprint digests bf16-rounded weights, and fp32
+        # rounded to fp16 first would round twice and give another fingerprint than fp32 and bf16 loads give
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto" if torch_dtype == torch.float16
+                                                  else torch_dtype)
     except (OSError, ValueError, SafetensorError) as e:
         raise ClaraError(f"cannot load base model from {folder}: {str(e).splitlines()[0][:200]}"
                          + (" (a damaged cache: delete the folder, then `clara-edge models fetch`)"
                             if folder.resolve().is_relative_to(cache_root().resolve()) else "")) from None
-    model = ClaraModel(lm.eval(), tokenizer, config, seed=seed).to(dev).eval()
+    model = ClaraModel(lm.eval(), tokenizer, config, seed=seed)
+    with torch.no_grad():  # parameters only: buffers such as the rotary frequencies keep their fp32
+        for p in model.parameters():
+            p.data = p.data.to(torch_dtype)
+    model = model.to(dev).eval()
     _configure_attention(model)
     return model
 
@@ -108,7 +115,7 @@ def save_checkpoint(model: ClaraModel, out_dir: str | Path, dtype: torch.dtype =
         embeds[CENTRE_KEY] = model.retrieval_centre.detach().to("cpu", torch.float32).contiguous()
     save_file(embeds, tmp / EMBEDDINGS_FILE)
     meta = {"format": "clara-edge", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
-            "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(),
+            "base_fingerprint": model.base_fingerprint, "fingerprint": model.fingerprint(as_saved=dtype),
             "roles": list(ROLES), "dtype": str(dtype).removeprefix("torch."), "eos_ids": model.eos_ids()}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return replace_dir(tmp, out)

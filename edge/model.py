@@ -243,11 +243,14 @@ class ClaraModel(nn.Module):
                 if "lora_" in name and f".{dst}." in name:
                     p.copy_(params[name.replace(f".{dst}.", f".{src}.")])
 
-    def fingerprint(self, roles: Sequence[str] = ("compressor",)) -> str:
-        """What a memory store must match: base weights, rate, length, the given adapters, MEM embeddings."""
+    def fingerprint(self, roles: Sequence[str] = ("compressor",), as_saved: torch.dtype | None = None) -> str:
+        """What a memory store must match: base weights, rate, length, the given adapters, MEM embeddings
+        (`as_saved`: as they will read once saved in that dtype, which a checkpoint records)."""
         named = [(n, p) for n, p in self.lm.named_parameters()
                  if "lora_" in n and any(f".{r}." in n for r in roles)]
         named.append(("special_embeddings", self.special_embeddings))
+        if as_saved is not None:
+            named = [(n, p.detach().to(as_saved)) for n, p in named]
         head = f"{self.base_fingerprint}|cr{self.config.compression_rate}|len{self.config.doc_max_length}|"
         return hashlib.sha256((head + weights_fingerprint(named)).encode()).hexdigest()[:32]
 

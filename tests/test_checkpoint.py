@@ -48,10 +48,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
     _assert_same_outputs(m, load_model(str(out)))
 
 
-def test_fp16_checkpoint_is_close(tmp_path):
+def test_fp16_checkpoint_is_close_and_opens_in_every_dtype_with_the_fingerprint_it_records(tmp_path):
+    """An fp32 base loaded in fp16 (a Mac's default) used to round twice and refuse the checkpoint."""
+    import json
+
     m = _model(_base(tmp_path))
-    loaded = load_checkpoint(save_checkpoint(m, tmp_path / "ck"))
+    saved = save_checkpoint(m, tmp_path / "ck")  # fp16, from an fp32 model
+    loaded = load_checkpoint(saved)
     torch.testing.assert_close(m.compress(DOCS), loaded.compress(DOCS), atol=2e-2, rtol=2e-2)
+    recorded = json.loads((saved / CONFIG_FILE).read_text())["fingerprint"]
+    for dtype in ("fp32", "bf16", "fp16"):
+        again = load_checkpoint(saved, device="cpu", dtype=dtype)
+        assert again.fingerprint() == recorded and again.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                                   "fp16": torch.float16}[dtype]
+    rotary = [b for n, b in again.named_buffers() if n.endswith("inv_freq")]
+    assert rotary and all(b.dtype == torch.float32 for b in rotary)  # only parameters take the load dtype
 
 
 def test_the_retrieval_centre_round_trips_in_fp32(tmp_path):
