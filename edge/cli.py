@@ -242,13 +242,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:  # --model names the reference only when the export's recorded source has changed since
             result = check_export(Path(args.check), reference() if args.model else None, **common)
         print(json.dumps(result, indent=2))
+        if result.get("passed") is False:  # a gate that scripts and CI can act on
+            print(f"{PROG}: the parity gate failed (see 'targets' and 'passed' above)", file=sys.stderr)
+            return 1
         return 0
     if not args.out:
         raise ClaraError("export needs --out DIR (or --check DIR to check an existing export)")
     if args.lora and args.format != "onnx":
         raise ClaraError("--lora applies to ONNX exports (a Core ML export's functions always share the base)")
+    if args.dtype not in ("auto", "fp32"):  # --quant chooses the export's precision, from fp32 weights
+        raise ClaraError(f"export reads the model in fp32 (--quant sets the export's precision): drop --dtype {args.dtype}")
+    args.dtype, args.device = "fp32", "cpu"  # a GPU's bf16 would round an "fp32" export's weights
     options = {"lora": args.lora} if args.lora else {}
-    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=args.model, **options))
+    source = args.model  # recorded for `--check`, which may run from another folder
+    if source and Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    print(export_model(_open(args), args.format, args.quant, Path(args.out), source=source, **options))
     return 0
 
 

@@ -39,6 +39,8 @@ class CoreMLBackend(ExportedBackend):
         super().__init__(path, manifest)
         self.compute_units = compute_units
         self.max_context = int(self.manifest.get("max_context", 0))
+        if self.max_context:  # the KV state is this long: the context budget must stop there, not the model's window
+            self.max_positions = min(self.max_positions, self.max_context)
         self._models: dict = {}
 
     def function(self, role: str):

@@ -123,6 +123,28 @@ def weights_fingerprint(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()[:32]
 
 
+# Projections some families fuse into one linear (Phi-3): a recipe's q/k/v or gate/up names the fused module there.
+FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def lora_targets(causal_lm: nn.Module, targets: str | list[str]) -> str | list[str]:
+    """The LoRA target module names for this base: each name as given where a module has it, else its fused
+    projection; a name this base has neither way is an error (peft would adapt the rest without a word)."""
+    if isinstance(targets, str):
+        return targets
+    names = {name.rsplit(".", 1)[-1] for name, _ in causal_lm.named_modules()}
+    resolved: dict[str, None] = {}
+    for target in targets:
+        found = target if target in names else FUSED_PROJECTIONS.get(target)
+        if found not in names:
+            linears = sorted({n.rsplit(".", 1)[-1] for n, m in causal_lm.named_modules() if isinstance(m, nn.Linear)})
+            raise ClaraError(f"LoRA target module {target!r} is not in this base model ({type(causal_lm).__name__}); "
+                             f"its linear layers: {', '.join(linears)}")
+        resolved[found] = None
+    return list(resolved)
+
+
 class ClaraModel(nn.Module):
     """Base LM + compressor / query / generator LoRA adapters + special-token embeddings.
 
@@ -144,7 +166,7 @@ class ClaraModel(nn.Module):
 
         torch.manual_seed(seed)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.target_modules, bias="none")
+                          target_modules=lora_targets(causal_lm, config.target_modules), bias="none")
         self.lm = get_peft_model(causal_lm, lora, adapter_name=ROLES[0])
         for role in ROLES[1:]:
             self.lm.add_adapter(role, lora)
@@ -186,6 +208,13 @@ class ClaraModel(nn.Module):
     def max_positions(self) -> int:
         """The base model's context window."""
         return int(getattr(self.lm.get_base_model().config, "max_position_embeddings", 2048))
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of positions the base attends through, where it is shorter than its context window."""
+        cfg = self.lm.get_base_model().config
+        window = getattr(cfg, "sliding_window", None)
+        return window if window and getattr(cfg, "use_sliding_window", True) and window < self.max_positions else None
 
     @property
     def device(self) -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,6 +67,7 @@ class Runtime:
         store.expect(backend.fingerprint(), backend.config.compression_rate)
         self.backend, self.store, self.context, self.retriever = backend, store, context, retriever
         self.prefix_cache = PrefixCache()
+        self._one_question = threading.Lock()  # the prefix cache and the backend's state serve one question at a time
 
     @classmethod
     def open(cls, backend: Backend, store_dir: Path, context: int = DEFAULT_CONTEXT,
@@ -86,6 +88,11 @@ class Runtime:
         effective_compression (document tokens per memory vector),
         peak_rss_mb.
         """
+        with self._one_question:  # threads that share a runtime take turns
+            return self._answer(question, top_k, min_score, max_new_tokens, on_text, **sampling)
+
+    def _answer(self, question: str, top_k: int | None, min_score: float, max_new_tokens: int,
+                on_text: Callable[[str], None] | None, **sampling) -> Answer:
         question = question.strip()
         if not question:
             raise ClaraError("the question is empty")

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -66,6 +67,10 @@ def _fits_a_new_store(name: str) -> bool:
     leaves some behind) or macOS's folder metadata."""
     return (name.startswith((DB_NAME, "bm25-", ".bm25-")) or name in (LOCK_NAME, ".DS_Store")
             or _VECTOR_FILE.fullmatch(name) is not None)
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
 
 
 class VectorFileGone(ClaraError):
@@ -172,6 +177,7 @@ class MemoryStore:
     """A store directory opened for reading (default) or writing (`write=True`, one writer at a time)."""
 
     def __init__(self, path: Path, db: sqlite3.Connection, lock: FileLock | None, verify: str) -> None:
+        self._in_use = threading.RLock()  # threads sharing this handle take turns on its connection and caches
         self.path = path
         self._db = db
         self._lock = lock
@@ -204,7 +210,10 @@ class MemoryStore:
         db = None
         try:
             with _guarded(path, "cannot open"):
-                uri = (path / DB_NAME).resolve().as_uri() + ("" if lock else "?mode=ro")
+                # A reader in a folder it cannot write (read-only media, an app bundle, another user's store)
+                # cannot create the WAL index SQLite needs: no writer can be at work there, so read it as immutable.
+                uri = (path / DB_NAME).resolve().as_uri() + ("" if lock else "?mode=ro" if _writable(path)
+                                                             else "?mode=ro&immutable=1")
                 db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA synchronous=FULL" if lock else "PRAGMA query_only=1")
             return cls(path, db, lock, verify)
@@ -406,9 +415,10 @@ class MemoryStore:
 
     def _mapped(self, name: str, rows: int) -> np.ndarray:
         """The records of vector file `name` up to `rows`, mapped once per (file, rows)."""
-        if self._map is None or self._map[0] != (name, rows):
-            self._map = ((name, rows), self._memmap(name, rows))
-        return self._map[1]
+        with self._in_use:
+            if self._map is None or self._map[0] != (name, rows):
+                self._map = ((name, rows), self._memmap(name, rows))
+            return self._map[1]
 
     def live_chunks(self) -> tuple[str, np.ndarray, list[tuple[str, str]]]:
         """(state key, ids [n], (title, text) of each) of the live chunks, read in one transaction, so that no
@@ -570,7 +580,7 @@ class MemoryStore:
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
         """One consistent snapshot, or one atomic change committed on success; any database or decoding
         failure becomes a one-line ClaraError."""
-        with _guarded(self.path, "cannot write" if write else "cannot read"):
+        with self._in_use, _guarded(self.path, "cannot write" if write else "cannot read"):
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             commit = False
             try:

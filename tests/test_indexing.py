@@ -231,6 +231,36 @@ def test_a_file_indexed_in_its_own_right_is_not_taken_over_by_a_link_to_it(model
     assert kept <= set(per_source(contents(tmp_path / "s")))
 
 
+def test_threads_can_share_a_store_and_a_runtime(model, tmp_path):
+    """Readers on one handle used to interleave BEGIN/COMMIT on its one connection ('cannot start a transaction
+    within a transaction')."""
+    import threading
+
+    from clara_edge.retrieval import fused_search
+    from clara_edge.runtime import Runtime
+
+    index_paths(model, [make_corpus(tmp_path / "c", n_txt=6, n_rows=4)], tmp_path / "s", progress=False)
+    runtime = Runtime.open(model, tmp_path / "s", context=512)
+    query, errors = model.encode_query(["Which river?"]), []
+
+    def work(i: int) -> None:
+        for _ in range(15):
+            try:
+                search(runtime.store, query, 3)
+                fused_search(runtime.store, query, ["Which river?"], 3)
+                runtime.store.chunks([0, 1])
+                runtime.ask(f"Which river {i}?", top_k=2, max_new_tokens=2)
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 def test_a_store_named_with_a_tilde_after_an_equals_sign(model, tmp_path, monkeypatch):
     from clara_edge.runtime import Runtime
     monkeypatch.setenv("HOME", str(tmp_path))

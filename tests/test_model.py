@@ -231,6 +231,17 @@ def test_control_tokens_in_user_text_stay_words(model):
     assert model.tokenizer.decode(ids).replace(prompts.WORD_JOINER, "").count(question) == 1
 
 
+def test_lora_targets_name_fused_projections_and_refuse_missing_ones():
+    """Phi-3 fuses q/k/v and gate/up: a recipe's q_proj used to leave only o_proj adapted, silently."""
+    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for family, expect in [("phi3", {"qkv_proj", "o_proj"}), ("llama", set(qkvo))]:
+        m = tiny_clara(family, target_modules=qkvo)
+        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in m.lm.named_parameters() if "lora_A" in n}
+        assert adapted == expect
+    with pytest.raises(ClaraError, match="'qkv' is not in this base model .*its linear layers: down_proj"):
+        tiny_clara("llama", target_modules=["qkv"])
+
+
 def test_prompt_folds_system_into_user_for_templates_without_system_role():
     m = tiny_clara("mistral", template=MISTRAL_LIKE)
     text = m.tokenizer.decode(m.prompt_ids("Who?", 1))

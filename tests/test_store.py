@@ -172,6 +172,22 @@ def test_one_writer_many_readers(filled):
     reader.close()
 
 
+def test_a_store_in_a_folder_the_reader_cannot_write_opens(filled, monkeypatch):
+    """SQLite needs to create the WAL index beside a WAL database it reads: on read-only media, in an app
+    bundle or in another user's folder that failed with 'attempt to write a readonly database'."""
+    import os
+
+    filled.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root may write anyway: take the branch a reader without the permission takes
+            monkeypatch.setattr(store_mod, "_writable", lambda folder: False)
+        with MemoryStore.open(filled) as reader:
+            assert reader.info()["documents"] == 8 and reader.snapshot()[1].sum() == 8
+            assert len(search(reader, memories(1, 1), 3)[1][0]) == 3
+    finally:
+        filled.chmod(0o755)
+
+
 def test_uncommitted_rows_are_invisible_and_truncated(filled):
     with MemoryStore.open(filled, write=True) as writer:
         # A failed add writes its records first, then its transaction rolls back: crash leftovers.
