@@ -90,6 +90,12 @@ RECIPE_DEFAULTS = {
              "multihop": ["hotpotqa_train100.jsonl", "musique_train100.jsonl"], "limit": None},
     "teacher": {"max_new_tokens": 64, "batch_size": 16},
 }
+# Stage fields that are counts (None: unset where the default is None), and rates that must be above 0 / at least 0.
+COUNT_FIELDS = {"epochs", "max_steps", "max_samples", "batch_size", "micro_batch", "k", "questions_per_passage",
+                "max_target_tokens", "candidates", "max_answer_words"}
+POSITIVE_FIELDS = {"lr", "temperature", "tau", "kl_temperature", "grad_clip"}
+NON_NEGATIVE_FIELDS = {"multihop_repeat", "weight_decay", "mse_weight", "kl_weight", "candidate_weight",
+                       "warmup_ratio", "min_lr_ratio"}
 # Overrides that name a recipe field by a short name (CLI options).
 ALIASES = {"compression": "model.compression_rate", "base_model": "model.base_model", "data_dir": "data.dir"}
 
@@ -116,7 +122,11 @@ def _set_dotted(node, dotted: str, value) -> None:
     """`a.b.c` = value; in a list, a number picks one element and `*` all ("stages.*.max_steps", "stages.0.lr")."""
     head, _, rest = dotted.partition(".")
     if isinstance(node, list):
+        if head != "*" and not (head.isdigit() and int(head) < len(node)):
+            raise ClaraError(f"--set {dotted}: {head!r} is not one of the {len(node)} entries (0-{len(node) - 1} or *)")
         keys = range(len(node)) if head == "*" else [int(head)]
+    elif not isinstance(node, dict):
+        raise ClaraError(f"--set: {dotted!r} goes below a value that has no fields")
     else:
         keys = [head]
         if rest:
@@ -132,7 +142,12 @@ def load_recipe(recipe: str | Path, overrides: dict | None = None) -> dict:
     """Read a recipe (following `extends`), apply overrides (dotted keys or ALIASES; max_steps applies to
     every stage), and fill in the defaults: the result is complete and is what a run records."""
     path = recipe_path(recipe)
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClaraError(f"recipe {path} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ClaraError(f"recipe {path} must be a JSON object")
     name = raw.pop("name", path.stem)
     raw.pop("description", None)  # prose: editing it must not invalidate a run directory or a checkpoint's digest
     parent = raw.pop("extends", None)
@@ -160,7 +175,25 @@ def _resolve_stage(i: int, stage: dict) -> dict:
         raise ClaraError(f"recipe stage {i} ({kind}): unknown fields {sorted(unknown)}")
     if stage.get("kl_weight") and kind != "instruct":
         raise ClaraError(f"recipe stage {i} ({kind}): kl_weight applies to the instruct stage only")
-    return {**_merge(defaults, stage), "kind": kind, "name": stage.get("name", kind)}
+    resolved = {**_merge(defaults, stage), "kind": kind, "name": stage.get("name", kind)}
+    for key, value in resolved.items():
+        problem = _bad_value(key, value)
+        if problem:
+            raise ClaraError(f"recipe stage {i} ({kind}): {key} must be {problem}, got {value!r}")
+    return resolved
+
+
+def _bad_value(key: str, value) -> str | None:
+    """What a stage field's value must be, when it is not (None when it is fine or not a number field)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key in COUNT_FIELDS and value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                                          and value >= 1):
+        return "a whole number of at least 1"
+    if key in POSITIVE_FIELDS and not (number and value > 0):
+        return "a number above 0"
+    if key in NON_NEGATIVE_FIELDS and not (number and value >= 0):
+        return "a number of at least 0"
+    return None
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -411,6 +444,8 @@ class Run:
         if start:
             optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=device, weights_only=True))
         module, optimizer = self.accel.prepare(StageModule(model, stage, bank), optimizer)
+        if start and self.accel.scaler is not None and (state / "scaler.pt").is_file():
+            self.accel.scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))
         finished = self.loop(index, stage, stage_dir, module, optimizer, encoded, start)
         if finished and self.main:
             save_checkpoint(model, done, dtype=torch.float32)
@@ -474,6 +509,8 @@ class Run:
         tmp = staging_dir(state)
         save_file(self.trained_state(model), tmp / "trained.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.accel.scaler is not None:  # fp16 mixed precision: a resumed run keeps its loss scale
+            torch.save(self.accel.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "recipe_sha": recipe_digest(self.recipe)}) + "\n")
         replace_dir(tmp, state)
 
@@ -494,9 +531,9 @@ class Run:
             raise ClaraError(f"stage {stage['name']}: batch_size {gb} is not divisible by {procs} processes")
         if len(encoded) < gb:
             raise ClaraError(f"stage {stage['name']}: {len(encoded)} samples, fewer than one batch of {gb}")
-        total = stage["max_steps"] or stage["epochs"] * (len(encoded) // gb)
+        total = stage["max_steps"] if stage["max_steps"] is not None else stage["epochs"] * (len(encoded) // gb)
         params = self.trained(model)
-        log = open(stage_dir / "log.jsonl", "a") if self.main else None
+        log = _open_log(stage_dir / "log.jsonl", start) if self.main else None
         bar = tqdm(total=total, initial=start, desc=f"{index + 1}/{len(self.recipe['stages'])} {stage['name']}",
                    unit="step", disable=not (self.main and self.progress), dynamic_ncols=True)
         t0, seen_tokens, step, updating = time.perf_counter(), 0.0, start, False
@@ -570,6 +607,23 @@ class Run:
             save_checkpoint(model, final, dtype=torch.float16)
         self.barrier()
         return final
+
+
+def _open_log(path: Path, start: int):
+    """The stage's log for appending, without its rows after `start`: a run killed after its last saved state
+    logged steps that the resumed run takes again (and maybe half a line)."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= start:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # the line the kill cut short
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return open(path, "a")
 
 
 def _save_jsonl(path: Path, rows: dict[str, str]) -> None:

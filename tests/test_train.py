@@ -173,6 +173,50 @@ def test_labels_cover_only_the_target():
     assert labels.tolist() == [[-100, -100, 7, 8], [-100, -100, -100, 10]]
 
 
+def test_target_logits_read_the_position_before_each_target():
+    """Position t predicts token t+1: the head sees the hidden states just before the labelled tokens."""
+    from types import SimpleNamespace
+
+    from clara_edge.export.train_losses import IGNORE, target_logits
+
+    head = torch.nn.Linear(3, 7, bias=False)
+    lm = SimpleNamespace(get_base_model=lambda: SimpleNamespace(get_output_embeddings=lambda: head))
+    hidden = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 4, 6]])
+    logits, targets = target_logits(SimpleNamespace(lm=lm), hidden, labels)
+    assert targets.tolist() == [4, 6]
+    torch.testing.assert_close(logits, head(hidden[0, 2:4]))
+
+
+def test_memory_mse_by_hand_ignores_padding():
+    from clara_edge.export.train_losses import memory_mse
+
+    hidden = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding; the last 2 positions are MEM
+    doc = torch.stack([hidden[0, 2:4].mean(0), hidden[1, :4].mean(0)])
+    torch.testing.assert_close(memory_mse(hidden, mask, 2), ((hidden[:, 4:].mean(1) - doc) ** 2).mean())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_to_teacher_by_hand(temperature):
+    from clara_edge.export.train_losses import kl_to_teacher
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 11, generator=gen), torch.randn(5, 11, generator=gen)
+    p = torch.softmax(teacher / temperature, -1)
+    expect = (p * (p.log() - torch.log_softmax(student / temperature, -1))).sum(-1).mean() * temperature ** 2
+    torch.testing.assert_close(kl_to_teacher(student, teacher, temperature), expect)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    from clara_edge.export.train import _lr_at
+
+    stage = {"lr": 1.0, "schedule": "cosine", "warmup_ratio": 0.1, "min_lr_ratio": 0.1}
+    steps = [0, 9, 10, 55, 100]
+    assert [_lr_at(stage, s, 100) for s in steps] == pytest.approx([0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1])
+    assert [_lr_at({**stage, "schedule": "constant"}, s, 100) for s in steps] == [1.0] * 5
+
+
 def test_kl_to_the_teacher_trains_the_student_only(env):
     """The KL option: teacher = base LM on the text prompt; gradients reach the trained adapters only, and
     the adapter switches inside the forward leave requires_grad as set_trainable put it."""
@@ -271,6 +315,27 @@ def test_recipes_resolve():
         load_recipe("no-such-recipe")
 
 
+@pytest.mark.parametrize("override,message", [
+    ({"max_steps": 0}, "max_steps must be a whole number of at least 1, got 0"),  # it ran whole epochs
+    ({"stages.0.batch_size": 0}, "batch_size must be a whole number of at least 1"),
+    ({"stages.1.micro_batch": 2.5}, "micro_batch must be a whole number of at least 1"),
+    ({"stages.0.lr": "fast"}, "lr must be a number above 0, got 'fast'"),
+    ({"stages.0.weight_decay": -1}, "weight_decay must be a number of at least 0"),
+    ({"stages.9.lr": 1.0}, "'9' is not one of the"),
+    ({"stages.x.lr": 1.0}, "'x' is not one of the"),
+    ({"seed.x": 1}, "goes below a value that has no fields"),
+])
+def test_bad_recipe_values_are_one_clear_line(override, message):
+    with pytest.raises(ClaraError, match=message):
+        load_recipe("tiny", override)
+
+
+def test_a_recipe_that_is_not_json_is_one_clear_line(tmp_path):
+    (tmp_path / "broken.json").write_text('{"stages": [')
+    with pytest.raises(ClaraError, match="is not readable JSON"):
+        load_recipe(tmp_path / "broken.json")
+
+
 # ------------------------------------------------------------------------------------------ runs
 def test_full_run_writes_every_stage(full_run):
     for name in STAGES:
@@ -329,14 +394,39 @@ def test_resume_after_stops_matches_uninterrupted_run(env, full_run):
     out = env["root"] / "resumed"
     assert run(env, out, stop_after=3) is None          # inside stage 1 (a state saved at step 2, stop at 3)
     assert (out / "1-scp" / "state").is_dir()
+    with open(out / "1-scp" / "log.jsonl", "a") as log:  # a hard kill after the state: a step logged, half a line
+        log.write('{"step": 4, "loss": 0.0}\n{"step": 5, "lo')
     assert run(env, out, stop_after=3) is None          # finishes stage 1, stops inside stage 2
     assert (out / "2-instruct" / "state").is_dir() and not (out / "1-scp" / "state").exists()
     assert run(env, out) == out / "final"
     for stage in STAGES:
         a, b = tensors(full_run / stage / "model"), tensors(out / stage / "model")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+        without_speed = [[{k: v for k, v in row.items() if k != "tok_s"} for row in logged(d / stage)]
+                         for d in (full_run, out)]
+        assert without_speed[0] == without_speed[1], stage  # each step logged once, as the uninterrupted run did
     with pytest.raises(ClaraError, match="different recipe"):
         run(env, out, overrides={"seed": 1})
+
+
+def test_resume_keeps_the_fp16_loss_scale(env, monkeypatch):
+    """fp16 mixed precision (CUDA) scales the loss; a resumed run continues from the saved scale. Here a CPU
+    GradScaler that doubles its scale after every step stands in for CUDA's."""
+    import accelerate
+
+    plain_init = accelerate.Accelerator.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        plain_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    out = env["root"] / "scaled"
+    assert run(env, out, stop_after=3) is None      # stage 1, 3 steps
+    scale = lambda stage: torch.load(out / stage / "state" / "scaler.pt", weights_only=True)["scale"]
+    assert scale("1-scp") == 2.0 ** 13
+    assert run(env, out, stop_after=3) is None      # stage 1's last step, stage 2's first two
+    assert scale("2-instruct") == 2.0 ** 16          # a scale restarted at 2^10 would read 2^13
 
 
 def test_a_folder_that_is_not_a_run_is_refused_and_kept(env, tmp_path):
@@ -381,19 +471,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_through_accelerate(env, full_run):
+def test_two_processes_through_accelerate(env):
     """`accelerate launch --multi_gpu` is accelerate's torchrun launcher; with `--device cpu` (or on a machine
-    without GPUs) it runs DDP over gloo. (`accelerate launch --cpu --num_processes 2` starts ONE process.)"""
+    without GPUs) it runs DDP over gloo. (`accelerate launch --cpu --num_processes 2` starts ONE process.)
+    Two processes split each global batch: without dropout their losses are one process's, to rounding."""
+    one = run(env, env["root"] / "one-proc", overrides={"model.lora_dropout": 0.0}).parent
     out = env["root"] / "two-procs"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
            "-m", "clara_edge.cli", "train", "--recipe", "tiny", "--out", str(out), "--device", "cpu",
-           "--data", env["data_dir"], "--set", f"model.base_model={env['base_model']}", "--no-progress"]
+           "--data", env["data_dir"], "--set", f"model.base_model={env['base_model']}",
+           "--set", "model.lora_dropout=0.0", "--no-progress"]
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env_vars)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in STAGES:
-        assert [r["step"] for r in logged(out / stage)] == [r["step"] for r in logged(full_run / stage)]
+        single, split = logged(one / stage), logged(out / stage)
+        assert [r["step"] for r in split] == [r["step"] for r in single]
+        # stage 1 starts from the same weights; later ones from weights that differ by reduction order
+        tol = 1e-4 if stage == STAGES[0] else 1e-2
+        assert split[0]["loss"] == pytest.approx(single[0]["loss"], rel=tol), stage
+        assert [r["tokens"] for r in split] == [r["tokens"] for r in single], stage  # each sample read once
     ranks = {part.stem.rsplit("-", 1)[-1] for part in (out / "teacher").glob("*/part-*")}
     assert ranks == {"0", "1"}  # both processes computed their share of the teacher answers
     assert load_checkpoint(out / "final").config.compression_rate == 16
