@@ -25,6 +25,7 @@ from .errors import ClaraError
 from .prefix_cache import PrefixCache
 
 ROLES = ("compressor", "query", "generator")
+SWITCHING_ROPE = ("longrope", "dynamic")  # RoPE types whose frequencies change with the sequence length
 MAX_COMPRESSION = 256
 
 
@@ -215,6 +216,19 @@ class ClaraModel(nn.Module):
         cfg = self.lm.get_base_model().config
         window = getattr(cfg, "sliding_window", None)
         return window if window and getattr(cfg, "use_sliding_window", True) and window < self.max_positions else None
+
+    @property
+    def fixed_rope_positions(self) -> int:
+        """The positions that fixed rotary frequencies (an export's graphs) serve as this model does: the context
+        window, or for RoPE that switches frequencies past a length (longrope: Phi-3-128k, Phi-3.5; dynamic NTK)
+        that length, below which the base runs its original ones."""
+        cfg = self.lm.get_base_model().config
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type")) not in SWITCHING_ROPE:
+            return self.max_positions
+        original = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings",
+                                                                            None)
+        return min(int(original or self.max_positions), self.max_positions)
 
     @property
     def device(self) -> torch.device:

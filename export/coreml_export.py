@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from clara_edge.coreml_backend import MASK_MIN, causal_mask
-from clara_edge.errors import ClaraError
+from clara_edge.errors import ClaraError, cause_line
 from clara_edge.model import ROLES, ClaraModel
 
 from .onnx_export import _export_view, base_manifest, export_staging_dir, finish_export, write_common
@@ -137,8 +137,7 @@ def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, sta
                               minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram",
                               compute_precision=precision, skip_model_load=True)
         except Exception as e:  # the converter raises many types
-            raise ClaraError(f"Core ML conversion of {type(module).__name__} failed: {type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[-1][:200]}") from None
+            raise ClaraError(f"Core ML conversion of {type(module).__name__} failed: {cause_line(e)}") from e
 
 
 def convert_roles(model: ClaraModel, quant: str = "fp16", max_context: int = MAX_CONTEXT) -> dict:
@@ -182,8 +181,9 @@ def _lm_head_ops(mlmodel) -> list[str]:
     return [op.name for op in ops if op.outputs[0].shape and op.outputs[0].shape[-1] == vocab][-1:]
 
 
-def quantize_mlmodel(mlmodel, quant: str, palettize: bool = False):
-    """Weight quantisation of one converted model (fp32 / fp16: unchanged)."""
+def quantize_mlmodel(mlmodel, quant: str, palettize: bool = False, has_lm_head: bool = True):
+    """Weight quantisation of one converted model (fp32 / fp16: unchanged); an int4 generator keeps its lm_head
+    at 8 bits (`has_lm_head`: False for the encoders, whose widest linear is no head)."""
     if quant in ("fp32", "fp16"):
         return mlmodel
     import coremltools.optimize.coreml as cto
@@ -193,7 +193,7 @@ def quantize_mlmodel(mlmodel, quant: str, palettize: bool = False):
             mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD))
         return cto.linear_quantize_weights(mlmodel, config)
     head = {name: cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-            for name in _lm_head_ops(mlmodel)}
+            for name in (_lm_head_ops(mlmodel) if has_lm_head else [])}
     if palettize:
         config = cto.OptimizationConfig(
             global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel",
@@ -239,9 +239,16 @@ def export_coreml(model: ClaraModel, out_dir: str | Path, quant: str = "int4", m
         raise ClaraError(reason)
     if quant not in QUANTS:
         raise ClaraError(f"unknown quantisation {quant!r}: use {', '.join(QUANTS)}")
+    if model.sliding_window and model.sliding_window < max(max_context, model.config.doc_max_length + model.config.n_mem + 3):
+        # its functions take a plain causal mask: they would attend past the window that torch keeps to
+        raise ClaraError(f"this base attends through a sliding window of {model.sliding_window} positions, which "
+                         "the Core ML export does not model: use --format onnx")
+    if max_context > model.fixed_rope_positions:
+        raise ClaraError(f"max_context {max_context} is past the {model.fixed_rope_positions} positions this base "
+                         "keeps its original RoPE frequencies for (an export holds them fixed): use at most that")
     tmp = export_staging_dir(out_dir)
     try:
-        models = {role: quantize_mlmodel(m, quant, palettize)
+        models = {role: quantize_mlmodel(m, quant, palettize, has_lm_head=role == "generator")
                   for role, m in convert_roles(model, quant, max_context).items()}
         sizes = save_multifunction(models, tmp / PACKAGE)
         write_common(model, tmp, quant)
@@ -254,6 +261,7 @@ def export_coreml(model: ClaraModel, out_dir: str | Path, quant: str = "int4", m
             "package": PACKAGE, "functions": list(ROLES), "lora": "shared", "max_context": max_context,
             "num_layers": layers, "num_kv_heads": kv, "head_dim": hd, "palettized": bool(palettize and quant == "int4"),
             "compute_precision": "fp32" if quant == "fp32" else "fp16", "deployment_target": "iOS18/macOS15",
+            "kv_dtype": "float16",  # Core ML states are fp16 at every precision
             "weights_shared_saved_mb": round(sizes["separate_mb"] - sizes["multifunction_mb"], 2), **sizes})
         return finish_export(tmp, out_dir, manifest)
     except BaseException:

@@ -39,8 +39,8 @@ from torch import nn
 
 from clara_edge.atomic import replace_dir, staging_dir
 from clara_edge.backend import EXPORT_MANIFEST, EXPORTER_REVISION
-from clara_edge.errors import ClaraError
-from clara_edge.model import ROLES, ClaraModel
+from clara_edge.errors import ClaraError, cause_line
+from clara_edge.model import ROLES, SWITCHING_ROPE, ClaraModel
 from clara_edge.onnx_backend import (CENTRE_FILE, EMBEDDING_SCALES_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT_VERSION,
                                      SPECIAL_EMBEDDINGS_FILE, TOKENIZER_DIR)
 from clara_edge.prompt import special_tokens
@@ -111,18 +111,40 @@ class TracedGraphs:
 
 @contextmanager
 def _export_view(model: ClaraModel):
-    """The model in eval mode on CPU fp32; the caller's model comes back as it was (active adapter, mode)."""
+    """The model in eval mode on CPU fp32 with fixed rotary frequencies; the caller's model comes back as it was
+    (active adapter, mode, RoPE)."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
-        yield copy.deepcopy(model).to("cpu", torch.float32).eval()
+        work = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        _fix_rope(work)
+        yield work
         return
     active, training = model._active, model.training
     model.eval()
+    restore = _fix_rope(model)
     try:
         yield model
     finally:
+        restore()
         if active is not None:
             model._activate(active)
         model.train(training)
+
+
+def _fix_rope(model: ClaraModel):
+    """Switching RoPE (longrope, dynamic NTK) held at its original frequencies, which serve the export's
+    `fixed_rope_positions`: torch.export cannot trace the in-place switch. Returns the undo."""
+    changed = []
+    for module in model.lm.modules():
+        if getattr(module, "rope_type", None) in SWITCHING_ROPE and hasattr(module, "original_inv_freq"):
+            changed.append((module, module.rope_type, module.inv_freq.clone()))
+            module.rope_type = "default"  # forward skips the length-dependent update
+            module.inv_freq.copy_(module.original_inv_freq)
+
+    def restore() -> None:
+        for module, rope_type, inv_freq in changed:
+            module.rope_type = rope_type
+            module.inv_freq.copy_(inv_freq)
+    return restore
 
 
 def _role_model(model: ClaraModel, role: str, lora: str) -> ClaraModel:
@@ -147,8 +169,7 @@ def _to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output
                                         input_names=input_names, output_names=output_names, opset_version=OPSET,
                                         optimize=False, verbose=False)
         except Exception as e:  # torch.export / onnxscript raise many types
-            raise ClaraError(f"ONNX export of {type(module).__name__} failed: {type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[-1][:240]}") from None
+            raise ClaraError(f"ONNX export of {type(module).__name__} failed: {cause_line(e)}") from e
     return program.model_proto
 
 
@@ -312,7 +333,7 @@ def base_manifest(model: ClaraModel, fmt: str, quant: str, source: str | None) -
             "base_fingerprint": model.base_fingerprint,
             "special_ids": {t: model.special_ids[t] for t in tokens}, "eos_ids": model.eos_ids(),
             "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "base_vocab": model.base_vocab,
-            "hidden_size": model.hidden_size, "max_positions": model.max_positions}
+            "hidden_size": model.hidden_size, "max_positions": model.fixed_rope_positions}
 
 
 def write_table(out: Path, table: np.ndarray, quant: str) -> None:
@@ -384,7 +405,8 @@ def _write_onnx(out_dir: str | Path, protos: dict, quant: str, accuracy_level: i
     try:
         for role in ROLES:
             protos[role] = quantize_graph(protos[role], quant, level, manifest["config"]["lora_r"],
-                                          manifest["vocab_size"], calibration_feeds(role, calibration, manifest))
+                                          manifest["vocab_size"], calibration_feeds(role, calibration, manifest),
+                                          merged=_role_lora(manifest["lora"], role) == "merged")
         stats = save_graphs(protos, tmp)
         protos.clear()
         write_rest(tmp)
@@ -443,8 +465,9 @@ def requantize_export(src: str | Path, out_dir: str | Path, quant: str, accuracy
     table = np.load(src / EMBEDDINGS_FILE)
     calibration = calibration_embeds(load_tokenizer(src, manifest), table)
     # The graphs keep the source's trace; the quantisation is this exporter's, so both revisions are recorded.
-    provenance = {"requantized_from": str(src), "exporter_revision": EXPORTER_REVISION,
-                  "traced_by_exporter_revision": manifest.get("exporter_revision")}
+    provenance = {"requantized_from": str(src.resolve()), "exporter_revision": EXPORTER_REVISION,
+                  "traced_by_exporter_revision": manifest.get("traced_by_exporter_revision",
+                                                              manifest.get("exporter_revision"))}
     return _write_onnx(out_dir, protos, quant, accuracy_level, {**carried, **provenance}, write_rest, calibration)
 
 

@@ -38,6 +38,9 @@ MS = "com.microsoft"
 _PAD_BIAS = -1e9  # added to the scores of padded keys (finite: fully padded query rows stay NaN-free)
 
 
+FUSED_LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def fused_support(model: ClaraModel) -> str | None:
     """None when the builder covers this model's base, else why not (the export then traces the generator)."""
     cfg = model.lm.get_base_model().config
@@ -45,9 +48,11 @@ def fused_support(model: ClaraModel) -> str | None:
         return f"model type {cfg.model_type!r} (fused graphs cover {', '.join(FAMILIES)})"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "an MLP other than bias-free SiLU"
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True) and window < model.max_positions:
-        return f"a sliding window of {window} positions"
+    if model.sliding_window:
+        return f"a sliding window of {model.sliding_window} positions"
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.lm.named_modules() if hasattr(module, "lora_A")}
+    if adapted - FUSED_LORA_TARGETS:  # the builder reads base weights elsewhere: their LoRA would be dropped
+        return f"LoRA on {', '.join(sorted(adapted - FUSED_LORA_TARGETS))}"
     return None
 
 
@@ -146,7 +151,7 @@ def build_generator(model: ClaraModel, role: str = "generator", lora: str = "sha
     (last32,) = g.op("Sub", [total32, g.const("one_i32", np.array([1], np.int32))])
     (seqlens,) = g.op("Expand", [last32, batch])
     (total_scalar,) = g.op("Squeeze", [total32, g.const("axis_0", np.array([0], np.int64))])
-    cos, sin = _rotary_cache(causal, model.max_positions, head_dim)
+    cos, sin = _rotary_cache(causal, model.fixed_rope_positions, head_dim)
     cos_name, sin_name = g.const("rotary.cos", cos), g.const("rotary.sin", sin)
 
     def rotary(x: str, heads: int) -> str:

@@ -27,7 +27,8 @@ def _scope(node) -> str:
     return next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES), "")
 
 
-def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = None) -> dict[str, str]:
+def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = None,
+                   merged: bool = False) -> dict[str, str]:
     """MatMul nodes with a constant weight -> 'lora' | 'lm_head' | 'merged' | 'linear'.
 
     Read off the exporter's name scopes or the weight's name; otherwise (a written traced export) by shape: a
@@ -45,7 +46,9 @@ def weight_matmuls(model, lora_r: int | None = None, vocab_size: int | None = No
         else:  # `onnx_fused` names its weights after the modules; torch.onnx's written names say nothing
             lora = "lora_A" in name or "lora_B" in name or lora_r in dims[-2:]
             head = "lm_head" in name or (bool(dims) and dims[-1] == vocab_size)
-        kinds[node.name] = "lora" if lora else "lm_head" if head else "merged" if ".merged." in name else "linear"
+        # merged: `onnx_fused`'s names, or in a traced graph of a merged role the adapted modules' base layers
+        is_merged = ".merged." in name or (merged and "base_layer" in (scope or name))
+        kinds[node.name] = "lora" if lora else "lm_head" if head else "merged" if is_merged else "linear"
     return kinds
 
 
@@ -228,8 +231,10 @@ def _const(model, name: str, value: np.ndarray) -> str:
 
 
 def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora_r: int | None = None,
-                   vocab_size: int | None = None, calibration: dict[str, np.ndarray] | None = None):
-    """An exported fp32 ModelProto -> its `quant` version (a new proto; the input may be modified).
+                   vocab_size: int | None = None, calibration: dict[str, np.ndarray] | None = None,
+                   merged: bool = False):
+    """An exported fp32 ModelProto -> its `quant` version (a new proto; the input may be modified); `merged`:
+    the graph's adapter is merged into its base weights.
 
     calibration: feeds for one fp32 run of the graph, from which 8-bit nodes learn their inputs' outlier
     channels (`outliers`); without it no channel is isolated."""
@@ -246,7 +251,7 @@ def quantize_graph(model, quant: str, accuracy_level: int = ACCURACY_LEVEL, lora
 
         logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
         return convert_float_to_float16(model, keep_io_types=True)
-    kinds = weight_matmuls(model, lora_r, vocab_size)
+    kinds = weight_matmuls(model, lora_r, vocab_size, merged)
     weights = {n.input[1] for n in model.graph.node if n.name in kinds}
     originals = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer
                  if t.name in weights}

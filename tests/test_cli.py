@@ -3,8 +3,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from clara_edge.backend import EXPORT_MANIFEST
 from clara_edge.cli import build_parser, main
 
 COMMANDS = ["demo", "index", "forget", "ask", "chat", "eval", "train", "export", "bench", "info", "models"]
@@ -101,8 +103,21 @@ def test_export_check_takes_the_reference_from_model(tiny_base_dir, tmp_path, ca
     capsys.readouterr()
     assert main(["export", "--check", str(out), "--model", str(tiny_base_dir), "--compression", "32"]) == 0
     assert json.loads(capsys.readouterr().out)["token_agreement"] == 1.0
+    assert main(["export", "--check", str(out)]) == 0  # its recorded source, at the rate it was exported at
+    capsys.readouterr()
     assert main(["export", "--check", str(out), "--model", str(tiny_base_dir), "--compression", "16"]) == 1
     assert "fingerprints differ" in _one_line_error(capsys)
+    centre = out / "retrieval_centre.npy"  # a centre its model lacks: the same answers, another ranking
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    n_mem = sum(token.startswith("<MEM") for token in manifest["special_ids"])
+    np.save(centre, np.ones((n_mem, manifest["hidden_size"]), dtype=np.float32))
+    manifest["files"]["retrieval_centre.npy"] = centre.stat().st_size
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    assert main(["export", "--check", str(out)]) == 1  # a failed gate is a failed command
+    result = capsys.readouterr()
+    assert json.loads(result.out)["passed"] is False and "the parity gate failed" in result.err
+    assert main(["export", "--model", str(tiny_base_dir), "--dtype", "bf16", "--out", str(tmp_path / "x")]) == 1
+    assert "export reads the model in fp32" in _one_line_error(capsys)
 
 
 @pytest.fixture

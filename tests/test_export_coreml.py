@@ -96,6 +96,32 @@ def test_coreml_export_spec(model, coreml_export):
 
 
 @needs_coremltools
+def test_a_sliding_window_base_is_refused_and_phi3_converts_at_int4(tmp_path):
+    """Core ML functions take a plain causal mask (no window); Phi-3's fused gate_up LoRA used to be taken for the
+    lm_head of its encoders and crash int4 quantisation; longrope Phi-3 (128k, 3.5) traces with its original RoPE
+    frequencies, which serve up to original_max_position_embeddings."""
+    from clara_edge.export.coreml_export import export_coreml
+    from clara_edge.model import ClaraConfig, ClaraModel
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    config = ClaraConfig(base_model="tiny-mistral", doc_max_length=64, lora_r=4)
+    windowed = ClaraModel(tiny_causal_lm("mistral", sliding_window=16), tiny_tokenizer(), config)
+    with pytest.raises(ClaraError, match="sliding window of 16 positions.*use --format onnx"):
+        export_coreml(windowed, tmp_path / "w", "int4", max_context=64)
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0, 4.0, 8.0, 16.0]}
+    lm = tiny_causal_lm("phi3", rope_scaling=rope, original_max_position_embeddings=256)
+    phi3 = ClaraModel(lm, tiny_tokenizer(), ClaraConfig(
+        base_model="tiny-phi3", doc_max_length=64, lora_r=4,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]))
+    randomize_adapters(phi3, scale=0.05)
+    with pytest.raises(ClaraError, match="max_context 512 is past the 256 positions"):
+        export_coreml(phi3, tmp_path / "long", "int4", max_context=512)
+    out = export_coreml(phi3, tmp_path / "phi3", "int4", max_context=64)
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert (manifest["quant"], manifest["kv_dtype"]) == ("int4", "float16")  # the states' dtype, at any precision
+
+
+@needs_coremltools
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux behaviour")
 def test_coreml_backend_refuses_off_macos(coreml_export):
     with pytest.raises(ClaraError, match="Core ML runs only on macOS"):

@@ -416,12 +416,16 @@ def test_requantise_an_fp32_export(tmp_path):
     model, path = tiny_onnx_export("fp32", "llama", "shared")  # LoRA branches in every graph
     out = export_model(OnnxBackend(path), "onnx", "int4", tmp_path / "int4")
     m = json.loads((out / EXPORT_MANIFEST).read_text())
-    assert m["quant"] == "int4" and m["fingerprint"] == model.fingerprint() and m["requantized_from"] == str(path)
+    assert m["quant"] == "int4" and m["fingerprint"] == model.fingerprint() and m["requantized_from"] == str(path.resolve())
     older = shutil.copytree(path, tmp_path / "older")  # an older exporter's trace: its revision stays on record
     source_manifest = json.loads((older / EXPORT_MANIFEST).read_text())
     (older / EXPORT_MANIFEST).write_text(json.dumps({**source_manifest, "exporter_revision": 1}))
     old = json.loads((export_model(OnnxBackend(older), "onnx", "int8", tmp_path / "old") / EXPORT_MANIFEST).read_text())
     assert (old["exporter_revision"], old["traced_by_exporter_revision"]) == (EXPORTER_REVISION, 1)
+    (older / EXPORT_MANIFEST).write_text(json.dumps({**source_manifest, "exporter_revision": 1, "quant": "fp32"}))
+    chain = export_model(OnnxBackend(export_model(OnnxBackend(older), "onnx", "fp32", tmp_path / "b")), "onnx",
+                         "int8", tmp_path / "c")  # requantised twice: the trace's revision is still the first's
+    assert json.loads((chain / EXPORT_MANIFEST).read_text())["traced_by_exporter_revision"] == 1
     graph = onnx.load(str(out / "generator.onnx"), load_external_data=False).graph  # no exporter metadata left:
     bits = {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
     assert bits == {4, 8}  # LoRA and lm_head found by shape
@@ -431,6 +435,17 @@ def test_requantise_an_fp32_export(tmp_path):
         export_model(backend, "onnx", "int8", tmp_path / "again")
     with pytest.raises(ClaraError, match="a 'shared' export: requantising keeps its LoRA layout"):
         export_model(OnnxBackend(path), "onnx", "int8", tmp_path / "again", lora="merged")
+
+
+def test_an_exporter_failure_names_its_cause_in_one_line():
+    from clara_edge.errors import cause_line
+
+    onnx_text = ("Failed to export the model with torch.export.\n## Exception summary\n\n"
+                 "<class 'AssertionError'>: expected compiled_fn to be GraphModule\n\n"
+                 "(Refer to the full stack trace above for more information.)")
+    assert cause_line(RuntimeError(onnx_text)) == \
+        "RuntimeError: <class 'AssertionError'>: expected compiled_fn to be GraphModule"
+    assert cause_line(ValueError("first\nlast line\n")) == "ValueError: last line"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -524,6 +539,35 @@ def test_merged_lora_matches_torch_and_is_larger():
 
 
 @pytest.mark.slow
+def test_merged_weights_of_traced_graphs_stay_at_8_bits_under_int4(tmp_path):
+    """A merged adapter moves a weight off the base's grid: int4 keeps those weights at 8 bits in traced graphs
+    too (it only recognised the fused generator's names)."""
+    import onnx
+
+    from clara_edge.export.onnx_export import export_onnx
+
+    model = tiny_clara("llama", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_adapters(model)
+    out = export_onnx(model, tmp_path / "merged", "int4", lora="merged")
+    graph = onnx.load(str(out / "compressor.onnx"), load_external_data=False).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    layers = model.lm.get_base_model().config.num_hidden_layers
+    assert (bits.count(8), bits.count(4)) == (4 * layers, 3 * layers)  # q/k/v/o merged, the MLP not adapted
+
+
+def test_the_fused_generator_is_not_used_where_it_would_drop_an_adapter_or_a_window():
+    from clara_edge.export.onnx_fused import fused_support
+    from clara_edge.model import ClaraConfig, ClaraModel
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    assert fused_support(tiny_clara("llama")) is None
+    assert fused_support(tiny_clara("llama", target_modules=["q_proj", "v_proj", "lm_head"])) == "LoRA on lm_head"
+    config = ClaraConfig(base_model="tiny-mistral", doc_max_length=64, lora_r=4)
+    windowed = ClaraModel(tiny_causal_lm("mistral", sliding_window=16), tiny_tokenizer(), config)
+    assert windowed.sliding_window == 16 and fused_support(windowed) == "a sliding window of 16 positions"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "phi3", "mistral"])
 def test_other_families_fp32(family):
     model, path = tiny_onnx_export("fp32", family=family)
@@ -569,3 +613,30 @@ def test_fused_generator_computes_what_torch_traces(family, monkeypatch):
                    for n, r in zip(present.arrays, ref[1:]) for j in range(len(rows)))
         if rows == [0, 1]:
             state, mask = present, total
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama"])  # a traced generator, a fused one
+def test_switching_rope_exports_with_its_original_frequencies(family, tmp_path):
+    """Longrope (Phi-3-128k, Phi-3.5) switches its RoPE frequencies in place past original_max_position_embeddings,
+    which torch.export cannot trace: the export holds the original ones, as torch runs them up to that length,
+    and serves no more positions than that."""
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from clara_edge.export.api import check_export, export_model
+    from clara_edge.model import ClaraConfig, ClaraModel
+
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0, 4.0, 8.0, 16.0],
+            "original_max_position_embeddings": 256}
+    lm = tiny_causal_lm(family, rope_scaling=rope, max_position_embeddings=512, original_max_position_embeddings=256)
+    config = ClaraConfig(base_model=f"tiny-{family}", doc_max_length=64, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = ClaraModel(lm, tiny_tokenizer(), config, seed=0).eval()
+    randomize_adapters(model, scale=0.05)
+    assert model.fixed_rope_positions == 256
+    path = export_model(model, "onnx", "fp32", tmp_path / "export")
+    rotary = lm.model.rotary_emb
+    assert rotary.rope_type == "longrope"  # the caller's model is left switching
+    assert OnnxBackend(path).max_positions == 256
+    questions = [(QUESTIONS[0], [DOCS[0]])]
+    assert len(model.prompt_ids(QUESTIONS[0], 1)) + 8 < 256
+    result = check_export(path, reference_model=model, questions=questions, probe=False, max_new_tokens=8)
+    assert result["graphs"]["generator"]["max_abs"] < 1e-4 and result["token_agreement"] == 1.0

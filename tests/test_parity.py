@@ -14,6 +14,7 @@ pytest.importorskip("onnxscript")
 from test_export_onnx import DOCS, QUESTIONS, tiny_onnx_export  # noqa: E402
 from tiny import tiny_clara  # noqa: E402
 
+from clara_edge.backend import open_backend  # noqa: E402
 from clara_edge.errors import ClaraError  # noqa: E402
 from clara_edge.export.api import check_bnb, check_export, check_memory_quant, export_model  # noqa: E402
 from clara_edge.export.parity import agreement_questions, f1_parity, tensor_error  # noqa: E402
@@ -61,10 +62,55 @@ def test_fp32_export_passes_the_gate(tmp_path, dev_file):
 def test_int4_export_is_measured_against_its_own_targets():
     model, path = tiny_onnx_export("int4")
     result = check_export(path, reference_model=model, questions=FIXED, probe=False, max_new_tokens=10)
-    assert 0.0 <= result["token_agreement"] <= 1.0
-    assert result["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5}
+    assert result["targets"] == {"token_agreement": None, "abs_f1_delta": 1.5, "retrieval_agreement": 0.9}
     assert result["graphs"]["generator"]["max_abs"] > 0  # quantised: not bit-exact
-    assert result["f1_delta"] is None and result["passed"] is None  # int4's one target is the F1 delta
+    # without a dev file int4 is held to its ranking alone (no token-agreement target)
+    assert result["f1_delta"] is None and result["passed"] is (result["retrieval_agreement"] >= 0.9)
+
+
+@pytest.mark.parametrize("quant, measured, passed", [
+    ("fp32", {"token_agreement": 0.95, "f1_delta": -0.5}, True),     # both at their bounds
+    ("int8", {"token_agreement": 0.949, "f1_delta": 0.0}, False),
+    ("fp16", {"token_agreement": 1.0, "f1_delta": 0.51}, False),
+    ("int4", {"token_agreement": 0.1, "f1_delta": 1.5}, True),       # int4: no agreement target
+    ("int4", {"token_agreement": 1.0, "f1_delta": -1.51}, False),
+    ("int4", {"token_agreement": 1.0, "f1_delta": None}, None),      # nothing the targets name was measured
+    ("int8", {"token_agreement": 1.0, "f1_delta": 0.0, "retrieval_agreement": 0.9}, True),
+    ("int4", {"token_agreement": 1.0, "f1_delta": None, "retrieval_agreement": 0.89}, False),
+    ("fp32", {"token_agreement": 1.0, "f1_delta": 0.0, "same_centre": False}, False),
+    ("fp32", {"token_agreement": 1.0, "f1_delta": None, "same_centre": True}, True),
+])
+def test_gate_thresholds(quant, measured, passed):
+    from clara_edge.export.parity import _gate
+
+    assert _gate(dict(measured), quant)["passed"] is passed
+
+
+def test_same_centre_compares_values_and_shapes():
+    from clara_edge.export.parity import _same_centre
+
+    centre = torch.randn(4, 8)
+    assert _same_centre(None, None) and _same_centre(centre, centre.clone())
+    assert not _same_centre(centre, centre + 0.1) and not _same_centre(centre, centre[:2])
+    assert not _same_centre(centre, None) and not _same_centre(None, centre)
+
+
+def test_a_query_graph_that_ranks_otherwise_fails_the_gate():
+    """Same compressor, same generator, a query encoder that ranks at random: the gate must not pass it."""
+    from clara_edge.export.parity import graph_and_token_parity
+
+    model, path = tiny_onnx_export("fp32")
+    backend = open_backend(str(path))
+    questions = [(f"question {i} about {w}?", [f"{w} is a word number {i}."])
+                 for i, w in enumerate(["river", "castle", "engine", "violin", "harbour", "glacier", "orchid",
+                                        "lantern"])]
+    honest = graph_and_token_parity(backend, model, questions, max_new_tokens=2)
+    assert honest["retrieval_agreement"] == 1.0
+    generator = torch.Generator().manual_seed(0)
+    backend.encode_query = lambda qs: torch.randn(len(qs), model.config.n_mem, model.hidden_size,
+                                                  generator=generator)
+    shuffled = graph_and_token_parity(backend, model, questions, max_new_tokens=2)
+    assert shuffled["retrieval_agreement"] < 0.9 and shuffled["token_agreement"] == 1.0
 
 
 def test_an_export_without_its_models_retrieval_centre_fails(monkeypatch):
@@ -131,7 +177,8 @@ def test_store_int8_vectors_against_fp16(dev_file):
     result = check_memory_quant(model, "int8", questions=FIXED, dev_file=dev_file, n_dev=4, max_new_tokens=10)
     assert result["memories"]["cosine_min"] > 0.999
     assert result["token_agreement"] >= 0.9
-    assert abs(result["f1_delta"]) <= 100 and "passed" in result
+    assert result["n_dev"] == 4 and result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 0.5}
+    assert result["passed"] is (result["token_agreement"] >= 0.95 and abs(result["f1_delta"]) <= 0.5)
 
 
 def test_store_vector_check_from_the_command_line(tmp_path, dev_file, capsys):
@@ -151,7 +198,8 @@ def test_store_vector_check_from_the_command_line(tmp_path, dev_file, capsys):
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["store_dtype"] == "int4" and result["reference_dtype"] == "fp16" and result["n_dev"] == 4
-    assert 0 <= result["token_agreement"] <= 1 and "passed" in result
+    assert result["targets"]["abs_f1_delta"] == 1.5
+    assert result["passed"] is (abs(result["f1_delta"]) <= 1.5)
     assert json.loads(capsys.readouterr().out)["store_dtype"] == "int4"
 
 
@@ -215,3 +263,24 @@ def test_bitsandbytes_int8_weights_through_the_gate(dev_file):
     assert result["bnb"] == "int8" and result["targets"] == {"token_agreement": 0.95, "abs_f1_delta": 0.5}
     assert result["graphs"]["compressor"]["cosine"] > 0.9 and 0 <= result["token_agreement"] <= 1
     assert result["weights_mb"] < result["weights_mb_fp32"] and result["f1_delta"] is not None
+
+
+def test_agreement_counts_each_flipped_token():
+    """A candidate that differs from torch at one teacher-forced step only: agreement (n - 1) / n."""
+    from clara_edge.export.parity import _agreement
+
+    model = tiny_clara("llama")
+    questions = [("Where is the tower?", ["The tower is in Paris."])]
+    memories = model.compress(questions[0][1])
+    vocab = len(model.tokenizer)
+
+    def forced(question, mem, targets):
+        logits = np.zeros((len(targets), vocab), np.float32)
+        logits[np.arange(len(targets)), targets] = 1.0
+        logits[0] = 0.0
+        logits[0, (targets[0] + 1) % vocab] = 1.0  # the first step predicts another token
+        return logits
+
+    result = _agreement(model, questions, memories, memories, forced, lambda q, mem: [[-1]], max_new_tokens=6)
+    n = result["token_steps"]
+    assert n >= 2 and result["token_agreement"] == round((n - 1) / n, 4) and result["sequence_match"] == 0.0
