@@ -39,6 +39,8 @@ CASES = [
     pytest.param([5, 2, 0, 17], [3, 9, 4, 17], 4, 1, 24, True, id="mqa-odd-D-short-kv-empty-seq"),
     pytest.param([3, 9], [19, 9], 32, 8, 16, True, id="mistral-heads-small-D"),
     pytest.param([9, 16], [13, 5], 2, 2, 32, False, id="mha-noncausal"),
+    # diagonals 14 and 30: the last unmasked key sits one before a key-tile edge
+    pytest.param([4, 2], [18, 32], 2, 2, 16, True, id="causal-diagonal-on-tile-edge"),
 ]
 
 

@@ -209,11 +209,12 @@ def test_bad_compression_rates_are_clear_errors(rate, length):
 
 
 def test_prompt_uses_chat_template_and_mem_blocks():
+    """CLaRa's generator prompt, and its text twin the same frame with the documents written out."""
     m = tiny_clara("llama")
-    text = m.tokenizer.decode(m.prompt_ids("Who?", 2))
-    assert text.startswith("<|im_start|>system\n" + prompts.SYSTEM_PROMPT)
-    assert text.count("<SEP>") == 2 and "Question:Who?" in text
-    assert text.rstrip().endswith("<|im_start|>assistant")
+    frame = ("<|im_start|>system\n" + prompts.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nBackground:\n{}"
+             "\n\nQuestion:Who?<|im_end|>\n<|im_start|>assistant\n")
+    assert m.tokenizer.decode(m.prompt_ids("Who?", 2)) == frame.format("<MEM0><MEM1><MEM2><MEM3><SEP>" * 2)
+    assert m.tokenizer.decode(m.text_prompt_ids("Who?", [("T", "a b"), ("", "c")])) == frame.format("T: a b\nc")
 
 
 def test_control_tokens_in_user_text_stay_words(model):

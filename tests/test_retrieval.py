@@ -179,6 +179,14 @@ def test_fused_search_fuses_cosine_and_bm25_over_live_chunks(text_store):
         fused_search(text_store, mem[[2, 3]], ["one question"], 3)
 
 
+def test_fused_search_maps_bm25_rows_to_chunk_ids_after_a_deletion(text_store):
+    """BM25 indexes live chunks only: after doc0 goes, its row j is chunk j + 1."""
+    mem = text_store.memories(list(range(12)))
+    text_store.delete_source("doc0")
+    _, ids = fused_search(text_store, mem[[2]], [f"Where is the {WORDS[7]}?"], 2)
+    assert set(ids[0].tolist()) == {2, 7}
+
+
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
