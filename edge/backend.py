@@ -16,9 +16,11 @@ from .errors import ClaraError
 from .model import ClaraConfig, Generation
 
 EXPORT_MANIFEST = "clara_export.json"  # marks an export directory; it is itself a model
-EXPORTER_REVISION = 5  # bumped when exporting the same model gives different graphs (2: fused ONNX generator;
+EXPORTER_REVISION = 6  # bumped when exporting the same model gives different graphs (2: fused ONNX generator;
 # 3: the ONNX generator merges its LoRA by default; 4: quantised nodes carry their block offsets as weight rows;
-# 5: 8-bit nodes read their inputs' outlier channels as a block of their own)
+# 5: 8-bit nodes read their inputs' outlier channels as a block of their own; 6: int4 `--lora merged` keeps the
+# merged roles' base weights at 8 bits, Core ML int4 encoders quantise their widest linear too, longrope and
+# dynamic-NTK RoPE held at their original frequencies)
 BACKENDS = ("torch", "onnx", "coreml")
 
 
