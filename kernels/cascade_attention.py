@@ -83,13 +83,16 @@ def cascade_decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: 
     batch, hq, d = q.shape
     hkv, n_prefix, n_suffix = k_prefix.shape[0], k_prefix.shape[1], k_suffix.shape[2]
     check_lengths("suffix_lens", suffix_lens, batch, n_suffix, q.device)
+    if batch == 0:
+        return torch.empty_like(q)
 
     pcfg = {**_prefix_config(batch * group, q.device), **(prefix_config or {})}
     row_blocks = triton.cdiv(batch * group, pcfg["BLOCK_M"])
-    p_splits = prefix_splits or choose_num_splits(row_blocks * hkv, n_prefix, pcfg["BLOCK_N"], q.device)
+    p_splits = (prefix_splits if prefix_splits is not None
+                else choose_num_splits(row_blocks * hkv, n_prefix, pcfg["BLOCK_N"], q.device))
     scfg = {**decode_config(d, q.device), **(suffix_config or {})}
-    s_splits = (suffix_splits or choose_num_splits(batch * hkv, n_suffix, scfg["BLOCK_N"], q.device)
-                if n_suffix > 0 else 0)
+    s_splits = ((suffix_splits if suffix_splits is not None
+                 else choose_num_splits(batch * hkv, n_suffix, scfg["BLOCK_N"], q.device)) if n_suffix > 0 else 0)
     if p_splits < 1 or s_splits < 0:
         raise ValueError(f"split counts must be positive, got {p_splits} and {s_splits}")
     out = torch.empty_like(q)

@@ -249,8 +249,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         if out.shape != q.shape:
             raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if batch == 0:
+        return (out, torch.empty((0, hq), dtype=torch.float32, device=q.device)) if return_lse else out
     cfg = {**decode_config(d, q.device), **(config or {})}
-    splits = num_splits or choose_num_splits(batch * hkv, n, cfg["BLOCK_N"], q.device)
+    splits = num_splits if num_splits is not None else choose_num_splits(batch * hkv, n, cfg["BLOCK_N"], q.device)
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
     # An LSE is only produced by the merge kernel, so a caller asking for it gets the split path.

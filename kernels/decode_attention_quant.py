@@ -87,8 +87,10 @@ def _decode_quant_split_kernel(
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         m_i, l_i, alpha, p = _softmax_probs(m_i, l_i, qk)
         # Scale V through the probabilities: p[:, n] * s_v[n] (per token) or s_v * (p @ v) (per head).
-        if PER_TOKEN:
-            pv = tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        if PER_TOKEN:  # relative to the tile's largest scale: p * s_v alone sinks into fp16 subnormals for small V
+            vs_max = tl.maximum(tl.max(v_scale, 0), 1e-30)
+            pv = tl.dot((p * (v_scale / vs_max)[None, :]).to(q.dtype), v.to(q.dtype),
+                        input_precision=DOT_PRECISION) * vs_max
         else:
             pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION) * v_scale_h
         acc = acc * alpha[:, None] + pv
@@ -137,9 +139,13 @@ def decode_attention_quant(q: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Te
     check_lengths("mem_lens", mem_lens, batch, n_mem, q.device)
     check_lengths("tail_lens", tail_lens, batch, n_tail, q.device)
 
+    if batch == 0:
+        out = torch.empty_like(q)
+        return (out, torch.empty((0, hq), dtype=torch.float32, device=q.device)) if return_lse else out
     cfg = {**decode_config(d, q.device, quantised=True), **(config or {})}
     total = n_mem + n_tail
-    splits = num_splits or choose_num_splits(batch * hkv, total, cfg["BLOCK_N"], q.device)
+    splits = (num_splits if num_splits is not None
+              else choose_num_splits(batch * hkv, total, cfg["BLOCK_N"], q.device))
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
     final = splits == 1 and not return_lse

@@ -63,6 +63,10 @@ def kernel_unsupported_reason(module, query: torch.Tensor, key: torch.Tensor, va
         return "softcap / sinks / position bias / paged cache"
     if kwargs.get("output_attentions"):
         return "output_attentions"
+    is_causal = kwargs.get("is_causal")
+    if query.shape[2] > 1 and key.shape[2] < query.shape[2] and (
+            getattr(module, "is_causal", True) if is_causal is None else is_causal):
+        return "causal with fewer keys than queries (SDPA aligns that mask top-left, the kernel bottom-right)"
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         return "sliding window shorter than the KV"

@@ -223,6 +223,8 @@ def prefill_attention_batched_reference(q: torch.Tensor, k: torch.Tensor, v: tor
 def _decode_from_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
                        scale: float, return_lse: bool):
     """q [B, Hq, D], k/v [B, Hkv, N, D] (compute dtype), visible [B, N] -> out [B, Hq, D] (+ lse [B, Hq])."""
+    if q.shape[0] == 0:
+        return torch.empty_like(q), q.new_empty(q.shape[:2])
     outs, lses = [], []
     for b in range(q.shape[0]):
         vis = None if visible is None else visible[b].unsqueeze(0)

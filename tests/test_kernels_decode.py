@@ -103,6 +103,7 @@ QUANT_CASES = [
                  id="fp8-token-fp32"),
     pytest.param(torch.float8_e4m3fn, False, torch.float16, 1, 6, 3, 40, 0, 16, None, None, None,
                  id="fp8-head-fp16-no-tail"),
+    pytest.param(torch.int8, True, torch.float16, 1, 14, 2, 200, 3, 64, None, None, 1, id="int8-token-fp16-gqa7-D64"),
 ]
 
 
@@ -126,6 +127,30 @@ def test_decode_quant_matches_float64_reference(qdtype, per_token, dtype, batch,
     unquantised = decode_attention_quant_reference(q.double(), k_full, v_full, torch.ones(batch, hkv, nm),
                                                    torch.ones(batch, hkv, nm), k_tail, v_tail, ml, tl_)
     assert rel_error(out, unquantised) < (0.03 if qdtype == torch.int8 else 0.1)
+
+
+def test_decode_quant_per_token_keeps_fp16_precision_for_small_values():
+    """p * s_v rounded to fp16 sinks into subnormals for small V over long memories (a 1e-2 error at |V| ~ 1e-3,
+    N 4096 before the scales were taken relative to the tile's largest); per head never had the problem."""
+    gen = torch.Generator().manual_seed(0)
+    q = _randn(gen, 1, 4, 64, dtype=torch.float16)
+    k_mem, k_scale = quantize_kv(_randn(gen, 1, 2, 2048, 64), torch.int8, True)
+    v_mem, v_scale = quantize_kv(_randn(gen, 1, 2, 2048, 64, scale=1e-3), torch.int8, True)
+    tail = torch.zeros(1, 2, 0, 64, dtype=torch.float16)
+    out = decode_attention_quant(q, k_mem, v_mem, k_scale, v_scale, tail, tail, num_splits=1)
+    ref = decode_attention_quant_reference(q.double(), k_mem, v_mem, k_scale, v_scale, tail, tail)
+    assert rel_error(out, ref) < 1e-3
+
+
+def test_an_empty_batch_gives_empty_outputs():
+    q, k = torch.zeros(0, 4, 16, dtype=torch.float16), torch.zeros(0, 2, 8, 16, dtype=torch.float16)
+    out, lse = decode_attention(q, k, k, return_lse=True)
+    assert out.shape == (0, 4, 16) and lse.shape == (0, 4)
+    assert decode_attention_reference(q.double(), k.double(), k.double()).shape == (0, 4, 16)
+    km, ks = quantize_kv(k.float(), torch.int8, True)
+    assert decode_attention_quant(q, km, km, ks, ks, k, k).shape == (0, 4, 16)
+    assert cascade_decode_attention(q, k.new_zeros(2, 8, 16), k.new_zeros(2, 8, 16), k, k).shape == (
+        0, 4, 16)
 
 
 def test_quantize_roundtrip_and_dequantize():
@@ -186,8 +211,9 @@ def test_decode_rejects_bad_inputs():
         decode_attention(q, k, k[:, :, :4])
     with pytest.raises(ValueError, match="kv_lens"):
         decode_attention(q, k, k, kv_lens=torch.tensor([1, 2, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match="num_splits"):
-        decode_attention(q, k, k, num_splits=-1)
+    for splits in (-1, 0):  # 0 is not "auto" (None is)
+        with pytest.raises(ValueError, match="num_splits"):
+            decode_attention(q, k, k, num_splits=splits)
     with pytest.raises(ValueError, match="head dim"):
         decode_attention(_randn(gen, 2, 4, 300, dtype=torch.float16), k, k)
 

@@ -115,5 +115,9 @@ def test_unsupported_reasons():
         assert "sliding" in hf_attention.kernel_unsupported_reason(module, q, kv, kv, None, 0.0,
                                                                     {"sliding_window": 4})
         assert "dtype" in hf_attention.kernel_unsupported_reason(module, q.double(), kv, kv, None, 0.0, {})
+        # causal prefill over fewer keys than queries: SDPA's mask is top-left, the kernel's bottom-right
+        prefill = torch.zeros(1, 4, 8, 16)
+        assert "fewer keys" in hf_attention.kernel_unsupported_reason(module, prefill, kv, kv, None, 0.0, {})
+        assert hf_attention.kernel_unsupported_reason(module, prefill, kv, kv, None, 0.0, {"is_causal": False}) is None
     finally:
         hf_attention.FORCE_KERNELS_ON_CPU = False
