@@ -39,6 +39,7 @@ DECODE_CASES = [
     pytest.param(2, 9, 3, 33, 16, None, None, id="smollm-heads-auto-splits"),
     pytest.param(3, 4, 1, 130, 24, [130, 1, 0], 3, id="mqa-odd-D-ragged-lens-3-splits"),
     pytest.param(1, 32, 8, 7, 16, None, 2, id="mistral-heads-more-splits-than-tiles"),
+    pytest.param(2, 14, 2, 70, 80, [70, 33], None, id="gqa7-D80-padded-to-128"),
 ]
 
 

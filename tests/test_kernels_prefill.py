@@ -41,6 +41,7 @@ CASES = [
     pytest.param([9, 16], [13, 5], 2, 2, 32, False, id="mha-noncausal"),
     # diagonals 14 and 30: the last unmasked key sits one before a key-tile edge
     pytest.param([4, 2], [18, 32], 2, 2, 16, True, id="causal-diagonal-on-tile-edge"),
+    pytest.param([3, 20], [11, 20], 14, 2, 80, True, id="gqa7-D80-padded-to-128"),
 ]
 
 
