@@ -131,8 +131,11 @@ def measured_row(k: int, samples: dict[str, list]) -> dict:
 
 def bracket(before: list[dict], after: list[dict]) -> list[dict]:
     """Pool two anchor runs, one before and one after what they anchor: per k, mean ± std over both runs'
-    questions; the note gives each run's decode rate. Rows without samples (notes) come from `before`."""
+    questions; the note gives each run's decode rate. Rows without samples (notes) come from `before`, or all
+    from `after` when `before` measured nothing (its run failed)."""
     later = {r["k"]: r for r in after if r.get("samples")}
+    if not any(r.get("samples") for r in before):
+        return after
     rows = []
     for row in before:
         other = later.get(row["k"])
@@ -141,10 +144,14 @@ def bracket(before: list[dict], after: list[dict]) -> list[dict]:
                         if row.get("samples") else row)
             continue
         pooled = measured_row(row["k"], {key: row["samples"][key] + other["samples"][key] for key in row["samples"]})
-        pooled["note"] = (f"decode {row['decode_tokens_per_s']:.1f} before, {other['decode_tokens_per_s']:.1f} "
-                          "after the latency runs")
+        pooled["note"] = (f"decode {_rate(row['decode_tokens_per_s'])} before, "
+                          f"{_rate(other['decode_tokens_per_s'])} after the latency runs")
         rows.append(pooled)
     return rows
+
+
+def _rate(tokens_per_s: float | None) -> str:
+    return "-" if tokens_per_s is None else f"{tokens_per_s:.1f}"  # None: every answer stopped at its first token
 
 
 def run_anchor_subprocess(prompts: dict[int, list[list[int]]], notes: dict[int, str] | None = None,

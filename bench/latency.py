@@ -53,18 +53,21 @@ LATENCY_DATASET = "hotpotqa_dev200.jsonl"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for a single value); (None, None) for no values."""
+    """Mean and sample standard deviation (None for a single value: no spread was measured); (None, None) for
+    no values."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def fmt_pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
-    """'mean ± std' (scaled), '-' when there is no value."""
+    """'mean ± std' (scaled); 'mean (n=1)' without a spread; '-' when there is no value."""
     if mean is None:
         return "-"
-    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+    if std is None:
+        return f"{mean * scale:.{digits}f} (n=1)"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def expand_backends(names: Sequence[str] | None, quick: bool) -> list[str]:
@@ -80,6 +83,8 @@ def expand_backends(names: Sequence[str] | None, quick: bool) -> list[str]:
             if item and item not in BACKENDS and item not in ALIASES:
                 raise ClaraError(f"unknown bench backend {item!r}: use {', '.join(BACKENDS)} or onnx (all ORT rows)")
             out += [one for one in ALIASES.get(item, (item,)) if one and one not in out]
+    if not out:
+        raise ClaraError(f"no bench backend named: use {', '.join(BACKENDS)} or onnx (all ORT rows)")
     return out
 
 
@@ -94,6 +99,7 @@ class LatencyRow:
     ttft_std_s: float | None = None
     ttft_cold_s: float | None = None
     ttft_cold_std_s: float | None = None
+    prefill_tokens_per_s: float | None = None
     reused_positions: float | None = None
     decode_tokens_per_s: float | None = None
     decode_std: float | None = None
@@ -206,9 +212,11 @@ def _open_worker_backend(spec: WorkerSpec):
     return open_backend(spec.model, "torch", spec.compression, device, spec.dtype, spec.base)
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+def _timed(fn: Callable[[], object], backend=None) -> tuple[float, object]:
+    """Wall time of fn(), with `backend`'s CUDA work finished inside it (kernels launch asynchronously)."""
     start = time.perf_counter()
     out = fn()
+    _sync(backend)
     return time.perf_counter() - start, out
 
 
@@ -218,11 +226,14 @@ def _sync(backend) -> None:
         torch.cuda.synchronize()
 
 
-def prompt_positions(backend, method: str, question: str, docs: Sequence[tuple[str, str]], k: int) -> int:
-    """Prompt positions of `question` with the first k documents (memory blocks or text)."""
+def prompt_positions(backend, method: str, questions: Sequence[str], docs: Sequence[tuple[str, str]], k: int,
+                     bm25=None) -> int:
+    """The longest prompt of `questions` with k documents: memory blocks (n_mem + 1 positions whichever they
+    are), or the texts `bm25` ranks first for each question (the first k without an index)."""
     if method == "clara":
-        return len(backend.prompt_ids(question, k))
-    return len(backend.text_prompt_ids(question, docs[:k]))
+        return max(len(backend.prompt_ids(q, k)) for q in questions)
+    return max(len(backend.text_prompt_ids(q, [docs[i] for i in bm25.top_k(q, k)] if bm25 else docs[:k]))
+               for q in questions)
 
 
 def max_k_in_context(positions: Callable[[int], int], limit: int, most: int) -> int:
@@ -265,9 +276,13 @@ def run_worker(spec: WorkerSpec) -> dict:
     if spec.method == "clara":
         unique = list(dict.fromkeys(texts))[: max(1, spec.compress_docs)]
         backend.compress(unique[:1])  # warm-up: an export opens its compressor session on first use
-        compress_s, mem = _timed(lambda: backend.compress(unique))
+        compress_s, mem = _timed(lambda: backend.compress(unique), backend)
         pool_mem = torch.stack([mem[i % len(unique)] for i in range(len(texts))])
-    prefix_cache = PrefixCache()  # as the runtime keeps one: each question reuses what it shares with the last
+    # as the runtime keeps one: each question reuses what it shares with the last; synthetic documents (no dev
+    # set) make every prompt the same, which would reuse all of it, so there the TTFT is a whole prefill
+    synthetic = spec.docs_file is None or not Path(spec.docs_file).is_file()
+    prefix_cache = None if synthetic else PrefixCache()
+    asked = list(dict.fromkeys(questions[rep % len(questions)] for rep in range(spec.warmup + spec.reps)))
     rows = []
     for k in spec.ks:
         row = LatencyRow(label, spec.backend, k, max_positions=max_positions)
@@ -275,7 +290,7 @@ def run_worker(spec: WorkerSpec) -> dict:
             row.note = f"pool holds {len(docs)} documents"
             rows.append(row)
             continue
-        row.positions = prompt_positions(backend, spec.method, questions[0], docs, k)
+        row.positions = prompt_positions(backend, spec.method, asked, docs, k, bm25)  # the fit check's
         row.kv_bytes = kv_bytes(geometry, row.positions)
         if max_positions and row.positions + spec.max_new_tokens > max_positions:
             row.note = (f"exceeds context ({row.positions} positions > {max_positions})"
@@ -285,12 +300,13 @@ def run_worker(spec: WorkerSpec) -> dict:
             rows.append(row)
             continue
         samples: dict[str, list[float]] = {"encode": [], "retrieval": [], "ttft": [], "cold": [], "reused": [],
-                                           "decode": [], "e2e": [], "tokens": []}
+                                           "decode": [], "e2e": [], "tokens": [], "positions": [], "prefill": []}
         for rep in range(spec.warmup + spec.reps):
             question = questions[rep % len(questions)]
             if spec.method == "clara":
-                encode_s, query = _timed(lambda: backend.encode_query([question]))
-                retrieval_s, (_, ids) = _timed(lambda: top_k(cosine_scores(query, pool_mem, backend.retrieval_centre), k))
+                encode_s, query = _timed(lambda: backend.encode_query([question]), backend)
+                retrieval_s, (_, ids) = _timed(
+                    lambda: top_k(cosine_scores(query, pool_mem, backend.retrieval_centre), k), backend)
                 picked = pool_mem[ids[0]]
 
                 def answer(tokens: int, cache: PrefixCache | None):
@@ -304,11 +320,13 @@ def run_worker(spec: WorkerSpec) -> dict:
                     return backend.generate_text_rag([question], picked_docs, max_new_tokens=tokens,
                                                      prefix_cache=cache)
             if rep >= spec.warmup:
-                samples["cold"].append(answer(1, None).prefill_s)
-            gen_s, gen = _timed(lambda: answer(spec.max_new_tokens, prefix_cache))
-            _sync(backend)
+                cold = answer(1, None)
+                samples["cold"].append(cold.prefill_s)
+                samples["prefill"].append(cold.context_positions[0] / cold.prefill_s if cold.prefill_s > 0 else None)
+            gen_s, gen = _timed(lambda: answer(spec.max_new_tokens, prefix_cache), backend)
             if rep < spec.warmup:
                 continue
+            samples["positions"].append(gen.context_positions[0])
             samples["reused"].append(gen.reused_positions)
             n = len(gen.token_ids[0])
             samples["encode"].append(encode_s)
@@ -317,9 +335,10 @@ def run_worker(spec: WorkerSpec) -> dict:
             samples["decode"].append(gen.decode_steps / gen.decode_s if gen.decode_steps and gen.decode_s > 0 else None)
             samples["e2e"].append(encode_s + retrieval_s + gen_s)
             samples["tokens"].append(n)
-        row.positions = gen.context_positions[0]  # the last question's prompt (they differ by a few tokens)
+        row.positions = round(mean_std(samples["positions"])[0])  # each question's own retrieved documents
         row.kv_bytes = kv_bytes(geometry, row.positions)
-        row.reps = spec.reps
+        row.reps = len(samples["ttft"])
+        row.prefill_tokens_per_s = mean_std(samples["prefill"])[0]  # per question: its prompt over its prefill
         row.ttft_s, row.ttft_std_s = mean_std(samples["ttft"])
         row.ttft_cold_s, row.ttft_cold_std_s = mean_std(samples["cold"])
         row.reused_positions = mean_std(samples["reused"])[0]
@@ -334,13 +353,14 @@ def run_worker(spec: WorkerSpec) -> dict:
         gc.collect()
     peak = peak_rss_mb()
     for row in rows:
-        row.peak_rss_mb = round(peak, 1)
+        if row.reps:  # rows that ran (not those over the context or the pool)
+            row.peak_rss_mb = round(peak, 1)
     extra = {}
     if getattr(backend, "device", None) is not None and backend.device.type == "cuda":
         extra["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     fits = None
     if max_positions:
-        fits = max_k_in_context(lambda k: prompt_positions(backend, spec.method, questions[0], docs, k),
+        fits = max_k_in_context(lambda k: prompt_positions(backend, spec.method, asked, docs, k, bm25),
                                 max_positions - spec.max_new_tokens, len(docs))
     return {"rows": [asdict(r) for r in rows], "peak_rss_mb": round(peak, 1), "load_s": round(load_s, 3),
             "max_k_in_context": fits,

@@ -36,16 +36,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from clara_edge.errors import ClaraError
+from clara_edge.errors import ClaraError, cause_line
 
 from .accuracy import QUICK_ROWS, dataset_files, run_accuracy
 from .anchor import NOT_INSTALLED, bracket, run_anchor_subprocess
@@ -56,7 +58,7 @@ from .plots import write_plots
 PARTS = ("accuracy", "latency")
 
 QUICK_LATENCY_REPS, FULL_LATENCY_REPS = 2, 5
-ANCHOR_KS = (1, 5, 20, 100)  # k=1: the text context nearest clara CR16's at k=5 (306 vs 145 positions in the bench)
+ANCHOR_KS = (1, 5, 20, 100)  # k=1: the text context nearest clara CR16's at k=5
 TRAINED = {True: "trained", False: "**untrained** (answers are nonsense, accuracy near zero)", None: "unknown"}
 PACKAGES = ("clara-edge", "torch", "transformers", "peft", "numpy", "bm25s", "onnx", "onnxruntime",
             "llama_cpp_python", "matplotlib", "coremltools", "triton")
@@ -277,6 +279,9 @@ def render_markdown(report: dict) -> str:
             f"## Latency and memory (mean ± std over {s['latency_reps']} questions after 1 warm-up; "
             f"answers up to {s['latency_max_new_tokens']} tokens)",
             "",
+            *(["**Synthetic documents** (no dev set found: give `--data`): every question reads the same "
+               "prompt, so TTFT is a whole prefill with nothing reused.", ""]
+              if s["latency_documents"] == "None" else []),
             "TTFT is generator level (prefill + first token); end-to-end adds query encoding and retrieval over "
             f"{s['latency_pool']} documents and the whole answer. KV = 2 x layers x kv_heads x head_dim x prompt "
             "positions x bytes. Peak RSS is the whole worker process (load, compression, every k).",
@@ -311,12 +316,15 @@ def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir
     if base != DEFAULT_BASE or not hasattr(primary, "text_prompt_ids"):
         return [anchor_row(None, note=f"the anchor runs the {DEFAULT_BASE} gguf; this model's base is {base} "
                                       "(or it has no text mode)")]
+    from clara_edge.bm25 import BM25Index
+
     questions, docs = load_documents(latency_source(data_dir))
+    bm25 = BM25Index(docs)  # the documents the text-RAG latency rows read: each question's BM25 top k
     n_ctx = primary.max_positions
     prompts, notes = {}, {}
     asked = [questions[(first + i) % len(questions)] for i in range(reps + 1)]
     for k in ANCHOR_KS:
-        ids = [primary.text_prompt_ids(q, docs[:k]) for q in asked]
+        ids = [primary.text_prompt_ids(q, [docs[i] for i in bm25.top_k(q, k)]) for q in asked]
         if max(len(i) for i in ids) + max_new_tokens > n_ctx:
             notes[k] = f"exceeds context ({max(len(i) for i in ids)} positions > {n_ctx})"
         else:
@@ -364,7 +372,12 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
     if out_dir.exists() and not out_dir.is_dir():
         raise ClaraError(f"bench --out {out_dir} is a file: give a folder for report.json, report.md and plots")
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ClaraError("bench draws its plots with matplotlib: pip install 'clara-edge[bench]'")
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if latency_source(data_dir) is None:
+        log(f"no dev sets in {data_dir} (give --data): latency runs on synthetic documents, accuracy is skipped")
     folder = eval_dir(data_dir)
     if threads:
         torch.set_num_threads(threads)
@@ -414,9 +427,6 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
                                        data_dir=data_dir, compression=rates[0], base=base, device=device,
                                        dtype=dtype, threads=threads, ks=ks, reps=reps, max_new_tokens=lat_tokens,
                                        log=log)
-        for row in latency:
-            row["prefill_tokens_per_s"] = (row["positions"] / row["ttft_cold_s"]  # the whole prompt's prefill
-                                           if row.get("ttft_cold_s") and row.get("positions") else None)
         report["latency"], report["latency_workers"] = latency, workers
         report["anchor"] = bracket(anchor_before, _anchor_rows(primary, lat_tokens, max(1, reps - half), threads,
                                                                data_dir, log, first=half))
@@ -434,10 +444,24 @@ def run_bench(model: str | None, backends: list[str] | None, out_dir: Path, quic
     report["wall_s"] = round(time.perf_counter() - started, 1)
     if quick:
         report["estimated_full_wall_s"] = _estimate_full(report, folder, setup_s)
-    report["files"] = ["report.json", "report.md", *[p.name for p in write_plots(report, out_dir)]]
+    try:  # after a whole run, a plot that fails must not cost the report
+        plots = [p.name for p in write_plots(report, out_dir)]
+    except (ImportError, OSError, RuntimeError) as e:
+        plots, report["plot_error"] = [], cause_line(e)
+        log(f"plots not written: {report['plot_error']}")
+    report["files"] = ["report.json", "report.md", *plots]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Fail before the run, not after it, where --out cannot take files."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".bench-probe-"):
+            pass
+    except OSError as e:
+        raise ClaraError(f"bench --out {out_dir} cannot take files: {cause_line(e)}") from None
 
 
 def _looks_trained(model) -> bool:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -72,12 +73,15 @@ def test_bench_quick_smoke(tiny_base_dir, tmp_path):
     assert all(r["ttft_cold_s"] > 0 and 0 < r["reused_positions"] < r["positions"] for r in measured)
     over = [r for r in lat if r["ttft_s"] is None and r["note"].startswith("exceeds context")]
     assert any(r["method"] == "text RAG" and r["k"] == 100 for r in over)  # 100 texts overflow 512 positions
-    assert all(r["kv_bytes"] for r in over)
+    assert all(r["kv_bytes"] and r["peak_rss_mb"] is None for r in over)  # not run: no memory to report
+    assert all(r["reps"] == 1 and r["ttft_std_s"] is None for r in measured)  # one question: no spread measured
     assert all(r["note"].startswith("unavailable") for r in lat if r["backend"] == missing)
     assert saved["anchor"] and saved["anchor"][0]["note"]
 
     md = (out / "report.md").read_text()
-    assert "| dataset | method |" in md and "| method | backend | k |" in md and "±" in md
+    assert "| dataset | method |" in md and "| method | backend | k |" in md
+    latency_table = md.split("| method | backend | k |")[1].split("\n\n")[0]
+    assert "(n=1)" in latency_table and "±" not in latency_table  # one question: no spread to show
     torch_clara = next(w for w in saved["latency_workers"] if w["backend"] == "torch" and w["method"] == "clara")
     assert f"torch {torch_clara['compressed_docs']} documents in {torch_clara['compress_s']:.2f} s" in md
     for png in ("f1_vs_context.png", "ttft_vs_k.png", "rss_per_backend.png"):
@@ -105,6 +109,9 @@ def test_backend_names_and_kv_arithmetic():
     assert expand_backends(None, quick=True) == ["torch", "onnx-int4"]
     with pytest.raises(ClaraError):
         expand_backends(["onx"], quick=True)
+    for nothing in ([""], [","]):
+        with pytest.raises(ClaraError, match="no bench backend named"):
+            expand_backends(nothing, quick=True)
     # SmolLM2-135M: 30 layers, 3 kv heads of 64, fp32 -> 46080 bytes per position
     assert kv_bytes((30, 3, 64, 4), 1) == 46080 and kv_bytes(None, 10) is None
     assert max_k_in_context(lambda k: 50 + 17 * k, 8192 - 32, 100) == 100
@@ -151,12 +158,44 @@ def test_the_anchor_cycles_the_latency_questions_like_the_workers(monkeypatch):
 
     asked = {}
     monkeypatch.setattr(anchor, "llama_cpp_version", lambda: "0.0-test")
-    monkeypatch.setattr(report, "load_documents", lambda source: ([f"q{i}?" for i in range(10)], ["d"] * 100))
+    monkeypatch.setattr(report, "load_documents", lambda source: ([f"q{i}?" for i in range(10)], [("T", f"doc {i}") for i in range(100)]))
     monkeypatch.setattr(report, "run_anchor_subprocess", lambda prompts, notes, **kw: asked.update(prompts) or [])
     primary = types.SimpleNamespace(config=types.SimpleNamespace(base_model=DEFAULT_BASE), max_positions=8192,
                                     text_prompt_ids=lambda q, docs: [int(q[1:-1])] * 3)
     report._anchor_rows(primary, 16, reps=10, threads=1, data_dir=None, log=lambda line: None, first=10)
     assert asked and all([ids[0] for ids in prompts] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0] for prompts in asked.values())
+
+
+def test_mean_std_and_its_cells():
+    from clara_edge.bench.latency import fmt_pm, mean_std
+
+    assert mean_std([1.0, 2.0, None, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, None) and mean_std([None]) == (None, None)
+    assert fmt_pm(2.0, 1.0, 1000, 0) == "2000 ± 1000" and fmt_pm(5.0, None) == "5.00 (n=1)" and fmt_pm(None, None) == "-"
+
+
+def test_a_plot_that_fails_costs_the_plots_only(tiny_base_dir, tmp_path, monkeypatch):
+    def broken(report, out_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("clara_edge.bench.report.write_plots", broken)
+    out = tmp_path / "out"
+    run_bench(str(tiny_base_dir), None, out, quick=True, data_dir=_write_data(tmp_path / "data"), accuracy_limit=1,
+              parts=["accuracy"], log=lambda msg: None)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["files"] == ["report.json", "report.md"] and saved["plot_error"] == "OSError: disk full"
+    assert saved["accuracy"] and (out / "report.md").is_file()
+
+
+def test_bench_refuses_an_out_folder_it_cannot_write_before_running(tiny_base_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ClaraError, match="cannot take files"):
+        run_bench(str(tiny_base_dir), None, Path("/proc/self"), quick=True, log=lambda msg: None)
+    plain = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else plain(name, *a))
+    with pytest.raises(ClaraError, match="matplotlib"):
+        run_bench(str(tiny_base_dir), None, tmp_path / "out", quick=True, log=lambda msg: None)
 
 
 def test_bracketed_anchor_pools_both_runs():
@@ -175,6 +214,11 @@ def test_bracketed_anchor_pools_both_runs():
     assert rows[0]["note"] == "decode 102.0 before, 82.0 after the latency runs"
     assert rows[1]["reps"] == 2 and rows[1]["note"] == "measured before the latency runs only"
     assert rows[2]["note"] == "exceeds" and rows[2]["decode_tokens_per_s"] is None
+    # every answer stopped at its first token (no decode rate), and a "before" run that failed
+    stopped = anchor.bracket(run([None]), run([80.0]))
+    assert stopped[0]["note"] == "decode - before, 80.0 after the latency runs"
+    failed = [anchor.anchor_row(None, note="llama.cpp run failed: boom")]
+    assert anchor.bracket(failed, run([80.0])) == run([80.0])
 
 
 def test_worker_payloads_larger_than_a_command_line_argument(tmp_path):
