@@ -226,14 +226,18 @@ def _sync(backend) -> None:
         torch.cuda.synchronize()
 
 
+def text_rag_docs(bm25, docs: Sequence[tuple[str, str]], question: str, k: int) -> list[tuple[str, str]]:
+    """The documents text RAG reads for `question`: the pool's BM25 top k (`bm25` indexes `docs`)."""
+    return [docs[i] for i in bm25.top_k(question, k)]
+
+
 def prompt_positions(backend, method: str, questions: Sequence[str], docs: Sequence[tuple[str, str]], k: int,
                      bm25=None) -> int:
     """The longest prompt of `questions` with k documents: memory blocks (n_mem + 1 positions whichever they
-    are), or the texts `bm25` ranks first for each question (the first k without an index)."""
+    are), or for text the documents `bm25` ranks first for each question."""
     if method == "clara":
         return max(len(backend.prompt_ids(q, k)) for q in questions)
-    return max(len(backend.text_prompt_ids(q, [docs[i] for i in bm25.top_k(q, k)] if bm25 else docs[:k]))
-               for q in questions)
+    return max(len(backend.text_prompt_ids(q, text_rag_docs(bm25, docs, q, k))) for q in questions)
 
 
 def max_k_in_context(positions: Callable[[int], int], limit: int, most: int) -> int:
@@ -313,8 +317,7 @@ def run_worker(spec: WorkerSpec) -> dict:
                     return backend.generate([question], [picked], max_new_tokens=tokens, prefix_cache=cache)
             else:
                 encode_s = 0.0
-                retrieval_s, ids = _timed(lambda: bm25.top_k(question, k))
-                picked_docs = [[docs[i] for i in ids]]
+                retrieval_s, picked_docs = _timed(lambda: [text_rag_docs(bm25, docs, question, k)])
 
                 def answer(tokens: int, cache: PrefixCache | None):
                     return backend.generate_text_rag([question], picked_docs, max_new_tokens=tokens,

@@ -52,7 +52,7 @@ from clara_edge.errors import ClaraError, cause_line
 from .accuracy import QUICK_ROWS, dataset_files, run_accuracy
 from .anchor import NOT_INSTALLED, bracket, run_anchor_subprocess
 from .latency import (KS, POOL, TORCH_KINDS, eval_dir, expand_backends, fmt_pm, latency_source, load_documents,
-                      make_exports, run_latency)
+                      make_exports, run_latency, text_rag_docs)
 from .plots import write_plots
 
 PARTS = ("accuracy", "latency")
@@ -324,7 +324,7 @@ def _anchor_rows(primary, max_new_tokens: int, reps: int, threads: int, data_dir
     prompts, notes = {}, {}
     asked = [questions[(first + i) % len(questions)] for i in range(reps + 1)]
     for k in ANCHOR_KS:
-        ids = [primary.text_prompt_ids(q, [docs[i] for i in bm25.top_k(q, k)]) for q in asked]
+        ids = [primary.text_prompt_ids(q, text_rag_docs(bm25, docs, q, k)) for q in asked]
         if max(len(i) for i in ids) + max_new_tokens > n_ctx:
             notes[k] = f"exceeds context ({max(len(i) for i in ids)} positions > {n_ctx})"
         else:

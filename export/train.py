@@ -620,16 +620,19 @@ def _open_log(path: Path, start: int):
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # the line the kill cut short
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        _replace_text(path, "".join(kept))
     return open(path, "a")
 
 
-def _save_jsonl(path: Path, rows: dict[str, str]) -> None:
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a sibling file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"key": k, "answer": v}) + "\n" for k, v in rows.items()))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _save_jsonl(path: Path, rows: dict[str, str]) -> None:
+    _replace_text(path, "".join(json.dumps({"key": k, "answer": v}) + "\n" for k, v in rows.items()))
 
 
 def _load_jsonl(path: Path) -> dict[str, str]:
